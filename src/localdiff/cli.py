@@ -1,0 +1,285 @@
+"""The ``localdiff`` command line: discover, edit, sweep, info.
+
+Every user mistake ends with one line on stderr (``localdiff: error: ...``), exit status 2 and no output file:
+outputs are checked before any work starts and written through a temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from localdiff.directions import Directions
+from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.errors import LocalDiffError
+from localdiff.images import check_output_path, open_image, save_image
+from localdiff.model import default_model_path, load_model
+
+log = logging.getLogger("localdiff")
+
+GRID_STRENGTH = 0.3
+GRID_COLUMNS = 5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction of T in (0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _rank(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'auto'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _model_options(p: argparse.ArgumentParser, steps_default: int | None) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="M", help="diffusers model folder or hub id (default: the embedded model)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
+    g.add_argument("--steps", type=_positive_int, default=steps_default, metavar="N",
+                   help="DDIM steps for inversion and regeneration"
+                   + (f" (default: {steps_default})" if steps_default else " (default: as discovered)"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="localdiff", description="Unsupervised local editing with pretrained diffusion models.")
+    from localdiff import __version__
+
+    parser.add_argument("--version", action="version", version=f"localdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("discover", help="find local edit directions for regions of an image")
+    p.add_argument("image", help="input image (resized to the model's resolution)")
+    p.add_argument("--mask", action="append", required=True, metavar="NAME=MASK.png",
+                   help="a region: its name and a mask image (white = region); repeat for several regions")
+    p.add_argument("--out", required=True, metavar="DIRS.safetensors", help="where to write the directions")
+    p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
+    p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
+                   help=f"grid columns run from -S to +S (default: {GRID_STRENGTH})")
+    p.add_argument("--timestep", type=_fraction, default=DEFAULTS["timestep"], metavar="F",
+                   help=f"discovery timestep as a fraction of T (default: {DEFAULTS['timestep']})")
+    p.add_argument("--k", type=_positive_int, default=DEFAULTS["k"], help=f"singular vectors per region (default: {DEFAULTS['k']})")
+    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R", help="JIVE joint rank, or auto (default: auto)")
+    p.add_argument("--individual-rank", type=_positive_int, default=DEFAULTS["individual_rank"], metavar="R",
+                   help=f"local directions per region (default: {DEFAULTS['individual_rank']})")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"start of the subspace iteration (default: {DEFAULTS['seed']})")
+    p.add_argument("--max-iter", type=_positive_int, default=DEFAULTS["max_iter"], metavar="N",
+                   help=f"subspace iteration limit (default: {DEFAULTS['max_iter']})")
+    _model_options(p, DEFAULTS["num_steps"])
+
+    p = sub.add_parser("edit", help="apply one or more directions to an image (any image of the same model)")
+    p.add_argument("image")
+    p.add_argument("--directions", required=True, metavar="DIRS.safetensors")
+    p.add_argument("--direction", action="append", required=True, metavar="NAME[:INDEX]",
+                   help="a direction, e.g. mouth or mouth:1 or joint:0; repeat to compose edits")
+    p.add_argument("--strength", action="append", type=_finite_float, required=True, metavar="S",
+                   help="one strength per --direction, or one for all (units of |h|)")
+    p.add_argument("--out", required=True, metavar="OUT.png")
+    _edit_options(p)
+
+    p = sub.add_parser("sweep", help="animate one direction from -S to +S (GIF plus a PNG strip)")
+    p.add_argument("image")
+    p.add_argument("--directions", required=True, metavar="DIRS.safetensors")
+    p.add_argument("--direction", required=True, metavar="NAME[:INDEX]")
+    p.add_argument("--out", required=True, metavar="SWEEP.gif", help="the GIF; the strip goes beside it as .png")
+    p.add_argument("--max-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
+                   help=f"sweep from -S to +S (default: {GRID_STRENGTH})")
+    p.add_argument("--frames", type=_positive_int, default=9, help="number of strengths (default: 9)")
+    _edit_options(p)
+
+    p = sub.add_parser("info", help="print what a directions file holds")
+    p.add_argument("directions", metavar="DIRS.safetensors")
+    return parser
+
+
+def _edit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
+                   help="DDIM steps that get the edit: all, window (T down to the discovery step) or single "
+                        f"(default: {DEFAULTS['schedule']})")
+    p.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric step (edited eps for x0 only)")
+    p.add_argument("--allow-foreign-model", action="store_true",
+                   help="apply directions discovered with a different model")
+    _model_options(p, None)
+
+
+# ---------------------------------------------------------------------- commands
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LocalDiffError(f"--device {name} is not a torch device (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LocalDiffError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LocalDiffError(f"--device {name}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def _editor(args, num_steps: int) -> LocalEditor:
+    source = args.model or default_model_path()
+    if source is None:
+        raise LocalDiffError("no --model given and no embedded default model is installed; pass --model PATH_OR_HUB_ID")
+    model = load_model(source, device=_device(args.device), dtype=getattr(torch, args.dtype))
+    return LocalEditor(model, num_steps=num_steps, progress=not args.quiet)
+
+
+def _parse_masks(specs: Sequence[str]) -> dict[str, str]:
+    masks: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LocalDiffError(f"--mask {spec!r}: write it as NAME=MASK.png (e.g. --mask mouth=mouth.png)")
+        if name in masks:
+            raise LocalDiffError(f"region name {name!r} is given twice; each --mask needs its own name")
+        open_image(path, f"mask {name!r}")  # exists and is an image
+        masks[name] = path
+    return masks
+
+
+def cmd_discover(args) -> None:
+    out = check_output_path(args.out, (".safetensors",), "--out")
+    grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
+    image = open_image(args.image)
+    masks = _parse_masks(args.mask)
+    editor = _editor(args, args.steps)
+    dirs = editor.discover(
+        image, masks, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
+        individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
+    )
+    if grid is not None:
+        save_image(render_grid(editor, image, dirs, args.grid_strength), grid)
+    dirs.save(out)
+    log.info("wrote %s (%s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions))
+    if grid is not None:
+        log.info("wrote %s", grid)
+
+
+def render_grid(editor: LocalEditor, image, dirs: Directions, strength: float, n: int = GRID_COLUMNS):
+    """Grid image: one row per local direction, ``n`` strengths from -strength to +strength, plus |diff|."""
+    from localdiff.viz import direction_grid, symmetric_strengths
+
+    strengths = symmetric_strengths(strength, n)
+    local = dirs.local()
+    batch = editor.render(image, [[(d, s)] for d in local for s in strengths])
+    rows = [(d.name, batch[i * n:(i + 1) * n], dirs.masks[d.region]) for i, d in enumerate(local)]
+    return direction_grid(rows, strengths)
+
+
+def _load_for_edit(args):
+    dirs = Directions.load(args.directions)
+    specs = args.direction if isinstance(args.direction, list) else [args.direction]
+    chosen = [dirs.select(s) for s in specs]
+    image = open_image(args.image)
+    editor = _editor(args, args.steps or int(dirs.meta.get("num_steps", DEFAULTS["num_steps"])))
+    dirs.check_model(editor.model.fingerprint, allow_foreign=args.allow_foreign_model)
+    return dirs, chosen, image, editor
+
+
+def cmd_edit(args) -> None:
+    out = check_output_path(args.out, (".png",), "--out")
+    if len(args.strength) not in (1, len(args.direction)):
+        raise LocalDiffError(
+            f"{len(args.direction)} --direction but {len(args.strength)} --strength; give one strength per direction or one for all"
+        )
+    _, chosen, image, editor = _load_for_edit(args)
+    strengths = args.strength * len(chosen) if len(args.strength) == 1 else args.strength
+    edited = editor.edit(image, list(zip(chosen, strengths)), schedule=args.schedule, asymmetric=args.asymmetric,
+                         allow_foreign=args.allow_foreign_model)
+    save_image(edited, out)
+    log.info("wrote %s", out)
+
+
+def cmd_sweep(args) -> None:
+    from localdiff.viz import save_gif, strip, symmetric_strengths
+
+    out = check_output_path(args.out, (".gif",), "--out")
+    strip_path = check_output_path(out.with_suffix(".png"), (".png",), "strip")
+    dirs, (direction,), image, editor = _load_for_edit(args)
+    strengths = symmetric_strengths(args.max_strength, args.frames)
+    frames = editor.sweep(image, direction, strengths, schedule=args.schedule, asymmetric=args.asymmetric,
+                          allow_foreign=args.allow_foreign_model)
+    save_image(strip(frames, dirs.masks[direction.region] if direction.region in dirs.masks else None), strip_path)
+    save_gif(frames, out)
+    log.info("wrote %s and %s", out, strip_path)
+
+
+def cmd_info(args) -> None:
+    print(Directions.load(args.directions).describe())
+
+
+COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        COMMANDS[args.command](args)
+    except LocalDiffError as exc:
+        print(f"localdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("localdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("localdiff")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    logger.propagate = False
+    # diffusers and transformers chatter (accelerate hints, dtype notes) is not for our users.
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

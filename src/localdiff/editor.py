@@ -1,0 +1,312 @@
+"""The high-level API: invert an image, discover local directions for its regions, edit and transfer.
+
+::
+
+    editor = LocalEditor.from_pretrained("google/ddpm-ema-celebahq-256")   # or a local folder
+    dirs = editor.discover("face.png", masks={"mouth": "mouth.png", "eyes": "eyes.png"})
+    editor.edit("face.png", dirs["mouth"][0], strength=0.5).save("smile.png")
+    editor.edit("other_face.png", dirs["mouth"][0], strength=0.5)          # transfer
+    dirs.save("face.safetensors")
+
+An edit adds ``strength * unit * v`` to h, where ``unit`` is the norm of h at the discovery timestep of the
+image the directions were found on (so strength 0.1 moves h by a tenth of its own size), during the DDIM
+regeneration from the inverted x_T. Inversions are cached per image, so further edits of the same image only
+pay for the regeneration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Mapping, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from localdiff.directions import Direction, Directions, check_region_name
+from localdiff.errors import LocalDiffError
+from localdiff.images import ImageLike, image_size, load_image, load_mask, tensor_hash, to_pil
+from localdiff.jacobian import decoder_operators, subspace_iteration
+from localdiff.jive import jive
+from localdiff.model import DiffusionModel, load_model
+from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
+
+log = logging.getLogger("localdiff")
+
+# Defaults shared by the API, the CLI and the web UI.
+DEFAULTS = dict(
+    num_steps=50,
+    timestep=0.5,
+    k=6,
+    oversample=3,
+    joint_rank=None,  # automatic
+    individual_rank=3,
+    max_iter=50,
+    tol_deg=0.1,
+    seed=0,
+    schedule="all",
+)
+
+Edit = tuple[Direction, float]
+
+
+@dataclass
+class Inversion:
+    """An inverted image: x_T and the unedited regeneration (trajectory, h per step, reconstruction)."""
+
+    x0: Tensor  # (1, C, R, R) in [-1, 1]: the input as the model sees it
+    x_T: Tensor
+    xs: list[Tensor]  # regeneration trajectory, xs[i] before step i, xs[-1] the reconstruction
+    hs: list[Tensor]  # unedited h at each step
+    schedule: Schedule
+    image_hash: str
+
+    @property
+    def reconstruction(self) -> Tensor:
+        return self.xs[-1]
+
+
+class LocalEditor:
+    """Discover and apply local edit directions with one diffusion model."""
+
+    def __init__(self, model: DiffusionModel, *, num_steps: int = DEFAULTS["num_steps"], progress: bool = False,
+                 cache_size: int = 8):
+        self.model = model
+        self.num_steps = num_steps
+        self.progress = progress
+        self._cache: OrderedDict[tuple[str, int], Inversion] = OrderedDict()
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_pretrained(cls, source, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
+        """Load a model (hub id or local folder) and wrap it; ``kwargs`` go to :class:`LocalEditor`."""
+        return cls(load_model(source, device=device, dtype=dtype), **kwargs)
+
+    # ------------------------------------------------------------------ inversion
+    def prepare(self, image: ImageLike, *, name: str = "image") -> Tensor:
+        """Image -> (1, C, R, R) tensor in [-1, 1] at the model's resolution."""
+        if isinstance(image, Tensor) and image.ndim == 4:
+            return image
+        return load_image(image, self.model.resolution, name=name)
+
+    def invert(self, image: ImageLike, *, num_steps: int | None = None) -> Inversion:
+        """DDIM-invert ``image`` and regenerate it unedited (cached per image and step count)."""
+        x0 = self.prepare(image)
+        steps = num_steps or self.num_steps
+        key = (tensor_hash(x0), steps)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        schedule = make_schedule(self.model, steps)
+        x_T = ddim_invert(self.model, x0, schedule, progress=self.progress)
+        _, xs, hs = ddim_sample(self.model, x_T, schedule, record=True, progress=self.progress)
+        inv = Inversion(x0.to(self.model.device, self.model.dtype), x_T, xs, hs, schedule, key[0])
+        self._cache[key] = inv
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return inv
+
+    # ------------------------------------------------------------------ discovery
+    def prepare_masks(self, masks: Mapping[str, ImageLike], image: ImageLike | None = None) -> dict[str, Tensor]:
+        """Validate names and load every mask at the model's resolution (bool (R, R))."""
+        if not masks:
+            raise LocalDiffError("give at least one region mask (e.g. --mask mouth=mouth.png)")
+        size = image_size(image) if image is not None and not isinstance(image, Tensor) else None
+        return {check_region_name(n): load_mask(m, self.model.resolution, name=n, image_size=size)
+                for n, m in masks.items()}
+
+    def discover(
+        self,
+        image: ImageLike,
+        masks: Mapping[str, ImageLike],
+        *,
+        timestep: float = DEFAULTS["timestep"],
+        k: int = DEFAULTS["k"],
+        oversample: int = DEFAULTS["oversample"],
+        joint_rank: int | None = DEFAULTS["joint_rank"],
+        individual_rank: int = DEFAULTS["individual_rank"],
+        seed: int = DEFAULTS["seed"],
+        max_iter: int = DEFAULTS["max_iter"],
+        tol_deg: float = DEFAULTS["tol_deg"],
+        chunk_size: int | None = None,
+    ) -> Directions:
+        """Find each region's local h-space directions (Kouzelis et al., Algorithm 1).
+
+        ``timestep`` is a fraction of T (1 = pure noise). For each region the top-``k`` right singular vectors of
+        the masked Jacobian d(m * eps)/dh are found by subspace iteration (all regions in one batch); JIVE then
+        removes the ``joint_rank`` directions shared by all regions (``None``: chosen automatically) and keeps
+        ``individual_rank`` local directions per region.
+        """
+        if not 0.0 < timestep <= 1.0:
+            raise LocalDiffError(f"timestep must be a fraction of T in (0, 1], got {timestep}")
+        if k < 1:
+            raise LocalDiffError(f"k must be at least 1, got {k}")
+        if individual_rank < 1 or individual_rank > k:
+            raise LocalDiffError(f"individual rank must be in 1..k={k}, got {individual_rank}")
+        if joint_rank is not None and not 0 <= joint_rank < k * len(masks):
+            raise LocalDiffError(f"joint rank must be in 0..{k * len(masks) - 1}, got {joint_rank}")
+        region_masks = self.prepare_masks(masks, image)
+        inv = self.invert(image)
+        model = self.model
+        step = inv.schedule.index_of(timestep)
+        t = inv.schedule.timesteps[step]
+        with torch.no_grad():
+            enc = model.encode(inv.xs[step], t)
+
+        def decode(h: Tensor) -> Tensor:
+            return model.decode(h, enc.skips, enc.temb)
+
+        jvp, vjp, out = decoder_operators(decode, enc.h, chunk_size=chunk_size)
+        names = list(region_masks)
+        mask_stack = torch.stack([region_masks[n] for n in names]).to(model.device, model.dtype)
+        mask_out = mask_stack[:, None].expand(-1, out.shape[1], -1, -1).reshape(len(names), -1)
+        dim = enc.h[0].numel()
+        res = subspace_iteration(
+            jvp, vjp, dim, mask_out, k, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed,
+            dtype=model.dtype, device=model.device, progress=self.progress,
+        )
+        for n, conv, its, ang in zip(names, res.converged, res.iterations, res.last_angle_deg):
+            if not conv:
+                log.warning("region %s: subspace iteration stopped at %d iterations (last move %.3g deg > %.3g)",
+                            n, its, ang, tol_deg)
+        blocks = [res.sigma[i, :, None] * res.vectors[i] for i in range(len(names))]
+        split = jive(blocks, joint_rank, individual_rank)
+        individual = {n: _fix_signs(v) for n, v in zip(names, split.individual)}
+        meta = dict(
+            model_name=model.name,
+            model_fingerprint=model.fingerprint,
+            h_shape=list(enc.h.shape[1:]),
+            h_norm=float(enc.h.norm()),
+            timestep=int(t),
+            timestep_fraction=float(timestep),
+            step_index=step,
+            num_steps=len(inv.schedule),
+            k=k,
+            oversample=oversample,
+            joint_rank=split.joint_rank,
+            individual_rank=individual_rank,
+            seed=seed,
+            iterations=dict(zip(names, res.iterations)),
+            converged=dict(zip(names, res.converged)),
+            jive_iterations=split.iterations,
+            source_image_hash=inv.image_hash,
+            localdiff_version=_version(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return Directions(
+            individual=individual,
+            individual_sigma=dict(zip(names, split.individual_sigma)),
+            joint=_fix_signs(split.joint),
+            masks={n: region_masks[n].cpu() for n in names},
+            region_sigma={n: res.sigma[i].cpu() for i, n in enumerate(names)},
+            meta=meta,
+        )
+
+    # ------------------------------------------------------------------ editing
+    def render(
+        self,
+        image: ImageLike,
+        edits: Sequence[Sequence[Edit]],
+        *,
+        schedule: str = DEFAULTS["schedule"],
+        asymmetric: bool = False,
+        timestep: float | None = None,
+        allow_foreign: bool = False,
+    ) -> Tensor:
+        """Regenerate ``image`` once per entry of ``edits`` (a list of (direction, strength) pairs each), batched.
+
+        Returns (B, C, R, R) in [-1, 1]. ``schedule``: ``all`` steps, ``window`` (from T down to the discovery
+        timestep) or ``single`` (the discovery timestep only); ``timestep`` overrides the directions' own.
+        An entry with no edits (or only zero strengths) is the unedited reconstruction, bit for bit.
+        """
+        if schedule not in EDIT_SCHEDULES:
+            raise LocalDiffError(f"unknown edit schedule {schedule!r}; choose one of {', '.join(EDIT_SCHEDULES)}")
+        model = self.model
+        h_numel = None
+        for edit in edits:
+            for direction, strength in edit:
+                _check_strength(strength)
+                if direction.fingerprint != model.fingerprint and not allow_foreign:
+                    raise LocalDiffError(
+                        f"direction {direction.name} was discovered with another model (fingerprint "
+                        f"{direction.fingerprint}, this one is {model.fingerprint}); pass allow_foreign=True "
+                        f"(CLI: --allow-foreign-model) to apply it anyway"
+                    )
+                h_numel = direction.vector.numel()
+        inv = self.invert(image)
+        if h_numel is not None and h_numel != inv.hs[0][0].numel():
+            raise LocalDiffError(
+                f"directions have {h_numel} h-space dimensions but this model's h has {inv.hs[0][0].numel()}"
+            )
+        deltas = torch.zeros(len(edits), *inv.hs[0].shape[1:], device=model.device, dtype=model.dtype)
+        fractions = []
+        for b, edit in enumerate(edits):
+            for direction, strength in edit:
+                if strength != 0:
+                    v = direction.vector.to(model.device, model.dtype).reshape(deltas.shape[1:])
+                    deltas[b] += float(strength) * direction.unit * v
+            fractions += [d.timestep_fraction for d, _ in edit]
+        if not torch.any(deltas != 0):
+            return inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
+        frac = timestep if timestep is not None else fractions[0]
+        steps = set(edit_steps(inv.schedule, schedule, inv.schedule.index_of(frac)))
+        start = min(steps)
+
+        def delta_h(i: int):
+            return deltas if i in steps else None
+
+        x_start = inv.xs[start].expand(len(edits), -1, -1, -1)
+        out, _, _ = ddim_sample(model, x_start, inv.schedule, start=start, delta_h=delta_h, asymmetric=asymmetric,
+                                progress=self.progress)
+        return out
+
+    def edit(self, image: ImageLike, direction: Direction | Sequence[Edit], strength: float | None = None,
+             **kwargs) -> Image.Image:
+        """Edit ``image`` along ``direction`` by ``strength``, or along several ``[(direction, strength), ...]``.
+
+        Returns a PIL image at the model's resolution. Keyword arguments go to :meth:`render`.
+        """
+        if isinstance(direction, Direction):
+            if strength is None:
+                raise LocalDiffError("give a strength for the edit, e.g. strength=0.5")
+            edits = [(direction, strength)]
+        else:
+            edits = list(direction)
+        return to_pil(self.render(image, [edits], **kwargs)[0])
+
+    def sweep(self, image: ImageLike, direction: Direction, strengths: Sequence[float], **kwargs) -> Tensor:
+        """The image edited at each of ``strengths`` (batched): (len(strengths), C, R, R) in [-1, 1]."""
+        return self.render(image, [[(direction, s)] for s in strengths], **kwargs)
+
+    def responses(self, image: ImageLike, vectors: Tensor, timestep: float) -> Tensor:
+        """J v for h-space vectors (m, d) at ``timestep`` on ``image``'s trajectory: eps responses (m, C, R, R)."""
+        inv = self.invert(image)
+        step = inv.schedule.index_of(timestep)
+        with torch.no_grad():
+            enc = self.model.encode(inv.xs[step], inv.schedule.timesteps[step])
+        jvp, _, out = decoder_operators(lambda h: self.model.decode(h, enc.skips, enc.temb), enc.h)
+        return jvp(vectors.to(self.model.device, self.model.dtype)).reshape(len(vectors), *out.shape[1:])
+
+
+# ---------------------------------------------------------------------- helpers
+def _fix_signs(v: Tensor) -> Tensor:
+    """Make each row's largest-magnitude entry positive, so signs are deterministic."""
+    if len(v) == 0:
+        return v
+    idx = v.abs().argmax(dim=-1, keepdim=True)
+    return v * torch.sign(v.gather(-1, idx))
+
+
+def _check_strength(strength: float) -> None:
+    s = float(strength)
+    if s != s or s in (float("inf"), float("-inf")):
+        raise LocalDiffError(f"strength must be a finite number, got {strength}")
+
+
+def _version() -> str:
+    from localdiff import __version__
+
+    return __version__

@@ -1,0 +1,177 @@
+"""Image and mask I/O: load, centre-crop and resize to the model's resolution, validate, save atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from localdiff.errors import LocalDiffError
+
+log = logging.getLogger("localdiff")
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
+
+_MASK_MODES = {"1", "L", "P", "LA", "RGB", "RGBA"}
+
+
+def open_image(src: str | Path, what: str = "image") -> Image.Image:
+    """Open an image file fully (so errors surface here), or raise a one-line :class:`LocalDiffError`."""
+    path = Path(src)
+    if not path.exists():
+        raise LocalDiffError(f"{what} {src} does not exist")
+    if path.is_dir():
+        raise LocalDiffError(f"{what} {src} is a folder, not an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except UnidentifiedImageError as exc:
+        raise LocalDiffError(f"{what} {src} is not an image PIL can read (PNG, JPEG, ...)") from exc
+    except OSError as exc:
+        raise LocalDiffError(f"cannot read {what} {src}: {exc}") from exc
+
+
+def _center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def _as_pil(img: ImageLike, what: str) -> Image.Image:
+    if isinstance(img, (str, Path)):
+        return open_image(img, what)
+    if isinstance(img, Image.Image):
+        return img
+    if isinstance(img, Tensor):
+        img = img.detach().cpu().numpy()
+    if isinstance(img, np.ndarray):
+        arr = img
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.asarray(arr, dtype=np.float64), 0.0, 1.0) * 255.0
+            arr = np.round(arr).astype(np.uint8)
+        return Image.fromarray(arr)
+    raise LocalDiffError(f"{what} must be a path, PIL image, numpy array or tensor, got {type(img).__name__}")
+
+
+def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tensor:
+    """RGB image -> tensor (1, 3, R, R) in [-1, 1]; other sizes are centre-cropped and resized (with a notice)."""
+    pil = _as_pil(img, "image")
+    if pil.mode not in ("RGB", "RGBA", "L", "P", "LA", "1", "CMYK", "YCbCr"):
+        raise LocalDiffError(f"{name} has image mode {pil.mode}, which localdiff cannot use; save it as RGB PNG")
+    pil = pil.convert("RGB")
+    if pil.size != (resolution, resolution):
+        log.warning(
+            "note: %s is %dx%d; centre-cropping and resizing it to the model's %dx%d",
+            name, pil.size[0], pil.size[1], resolution, resolution,
+        )
+        pil = pil.crop(_center_crop_box(*pil.size)).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[int, int] | None = None) -> Tensor:
+    """A region mask -> bool tensor (R, R).
+
+    Accepts a file, PIL image, array or tensor. White (or, for images with transparency, opaque) pixels are
+    inside. A mask must have the size of the image it belongs to (it is then cropped and resized with it,
+    nearest neighbour) or the model's resolution; it must be neither empty nor the whole image.
+    """
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        mask = mask.to(torch.uint8) * 255
+    if isinstance(mask, np.ndarray) and mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    pil = _as_pil(mask, f"mask {name!r}")
+    if pil.mode not in _MASK_MODES:
+        raise LocalDiffError(
+            f"mask {name!r} has image mode {pil.mode}; save it as an 8-bit black-and-white PNG (white = region)"
+        )
+    if pil.mode in ("RGBA", "LA") and pil.getchannel("A").getextrema()[0] < 255:
+        grey = pil.getchannel("A")
+    else:
+        grey = pil.convert("L")
+    size = grey.size
+    if size != (resolution, resolution):
+        if image_size is not None and size != tuple(image_size):
+            raise LocalDiffError(
+                f"mask {name!r} is {size[0]}x{size[1]} but the image is {image_size[0]}x{image_size[1]}; "
+                f"give a mask of the image's size or of the model's ({resolution}x{resolution})"
+            )
+        grey = grey.crop(_center_crop_box(*size)).resize((resolution, resolution), Image.Resampling.NEAREST)
+    m = torch.from_numpy(np.asarray(grey) >= 128)
+    frac = float(m.float().mean())
+    if frac == 0.0:
+        raise LocalDiffError(f"mask {name!r} is empty (no white pixels) at {resolution}x{resolution}; paint the region white")
+    if frac == 1.0:
+        raise LocalDiffError(f"mask {name!r} covers the whole image; a region must leave something outside it")
+    return m
+
+
+def image_size(img: ImageLike) -> tuple[int, int] | None:
+    """(width, height) of an image-like input, if it has one."""
+    try:
+        return _as_pil(img, "image").size
+    except LocalDiffError:
+        return None
+
+
+def to_pil(x: Tensor) -> Image.Image | list[Image.Image]:
+    """Tensor in [-1, 1], (3, H, W) or (B, 3, H, W) -> PIL image(s)."""
+    batch = x.ndim == 4
+    x = x if batch else x[None]
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    ims = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+    return ims if batch else ims[0]
+
+
+def tensor_hash(x: Tensor) -> str:
+    """Short sha256 of a tensor's values (used to tie directions to their source image)."""
+    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- output files
+def check_output_path(path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
+    """Fail early (before any work) if ``path`` cannot be written or has the wrong extension."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise LocalDiffError(f"{what} {path} must end in {' or '.join(suffixes)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise LocalDiffError(f"{what} {path} is a folder; give a file name")
+    if not parent.is_dir():
+        raise LocalDiffError(f"cannot write {what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LocalDiffError(f"cannot write {what} {path}: folder {parent} is not writable")
+    return p
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(img: Image.Image, path: str | Path) -> None:
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -1,0 +1,186 @@
+"""Top right singular vectors of masked Jacobians, without forming the Jacobian.
+
+For regions with masks ``m_i`` and the map ``f: h -> eps`` (the decoder half of the U-Net, skips fixed),
+``J_i = d(m_i * f)/dh``. Block subspace iteration (Haas et al. 2023, as used by Kouzelis et al. 2024) on
+``J_i^T J_i``::
+
+    V <- orth(randn(q, d))                       q = k + oversample, seeded
+    repeat
+        Y  = J V              q JVPs, all regions in one batch
+        Ym = m_i * Y
+        S  = Ym Ym^T          = V^T (J_i^T J_i) V: Rayleigh-Ritz on the q x q problem
+        S  = U diag(sigma^2) U^T   (descending)
+        Ritz vectors U^T V, singular values sigma
+        V  <- orth(U^T J^T (m_i * Ym))   q VJPs
+    until the span of the top-k Ritz vectors moves less than ``tol_deg`` (largest principal angle)
+
+The stopping test compares subspaces, so it is blind to the sign flips and rotations that defeat an
+elementwise ``allclose``. :func:`subspace_iteration` is pure linear algebra over two callables;
+:func:`decoder_operators` makes those callables for a model with ``torch.func`` (vmapped ``jvp`` and one
+reusable ``vjp``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Operator = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SubspaceResult:
+    """Per region: the top-k right singular vectors (rows, orthonormal) and singular values."""
+
+    vectors: Tensor  # (N, k, d)
+    sigma: Tensor  # (N, k), descending
+    iterations: list[int]
+    converged: list[bool]
+    last_angle_deg: list[float]  # how far the subspace moved in the last iteration
+
+
+def largest_principal_angle(a: Tensor, b: Tensor) -> float:
+    """Largest principal angle (degrees) between the row spaces of ``a`` (k, d) and ``b`` (k', d).
+
+    Rows must be orthonormal. Computed from sines (|b - b a^T a|), accurate for tiny angles where arccos of
+    cosines is not. For k' <= k it is the angle by which span(b) leaves span(a).
+    """
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    resid = b - (b @ a.T) @ a
+    s = torch.linalg.matrix_norm(resid, ord=2).clamp(max=1.0)
+    return math.degrees(math.asin(float(s)))
+
+
+def principal_angles(a: Tensor, b: Tensor) -> Tensor:
+    """All principal angles (degrees, ascending) between the row spaces of orthonormal ``a`` and ``b``."""
+    cos = torch.linalg.svdvals(a.to(torch.float64) @ b.to(torch.float64).T).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).sort().values
+
+
+def orthonormal_rows(x: Tensor) -> Tensor:
+    """Orthonormalise the rows of ``x`` (..., q, d) keeping their order (QR)."""
+    q, _ = torch.linalg.qr(x.transpose(-1, -2))
+    return q.transpose(-1, -2)
+
+
+def subspace_iteration(
+    jvp: Operator,
+    vjp: Operator,
+    dim: int,
+    masks: Tensor,
+    k: int,
+    *,
+    oversample: int = 3,
+    max_iter: int = 50,
+    tol_deg: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> SubspaceResult:
+    """Top-``k`` right singular vectors of ``m_i * J`` for every mask ``m_i`` (rows of ``masks``, (N, out)).
+
+    ``jvp`` maps tangents (m, dim) to (m, out), i.e. ``V -> (J V^T)^T``; ``vjp`` maps cotangents (m, out) to
+    (m, dim). All still-unconverged regions share one batched call of each per iteration; a region stops
+    iterating once converged. ``seed`` fixes the start, independent of ``device``.
+    """
+    n_regions = masks.shape[0]
+    q = min(k + oversample, dim)
+    if not 1 <= k <= q:
+        raise ValueError(f"k must be in 1..{dim}, got {k}")
+    masks = masks.to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64)
+    v = orthonormal_rows(start).to(device=device, dtype=dtype)
+
+    vectors = torch.zeros(n_regions, k, dim, dtype=dtype, device=device)
+    sigma = torch.zeros(n_regions, k, dtype=dtype, device=device)
+    iterations = [0] * n_regions
+    converged = [False] * n_regions
+    last_angle = [float("nan")] * n_regions
+    prev: list[Tensor | None] = [None] * n_regions
+    active = list(range(n_regions))
+
+    bar = tqdm(total=max_iter, desc="subspace iteration", disable=not progress, leave=False)
+    for it in range(1, max_iter + 1):
+        va = v[active]  # (A, q, d)
+        y = jvp(va.reshape(-1, dim)).reshape(len(active), q, -1)
+        ym = y * masks[active, None, :]
+        gram = (ym.double() @ ym.double().transpose(-1, -2))  # (A, q, q) = V^T J_i^T J_i V
+        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
+        rot = evecs.transpose(-1, -2).to(dtype)  # (A, q, q)
+        ritz = orthonormal_rows(rot @ va)
+        z = vjp((ym * masks[active, None, :]).reshape(-1, ym.shape[-1])).reshape(len(active), q, dim)
+        v_next = orthonormal_rows(rot @ z)
+
+        still = []
+        for j, r in enumerate(active):
+            iterations[r] = it
+            vectors[r] = ritz[j, :k]
+            sigma[r] = evals[j, :k].clamp(min=0).sqrt().to(dtype)
+            if prev[r] is not None:
+                last_angle[r] = largest_principal_angle(prev[r], ritz[j, :k])
+                if last_angle[r] < tol_deg:
+                    converged[r] = True
+            prev[r] = ritz[j, :k]
+            v[r] = v_next[j]
+            if not converged[r]:
+                still.append(r)
+        active = still
+        bar.update(1)
+        bar.set_postfix(angle=f"{max((last_angle[r] for r in range(n_regions)), default=0):.3g}deg")
+        if not active:
+            break
+    bar.close()
+    return SubspaceResult(vectors, sigma, iterations, converged, last_angle)
+
+
+# ---------------------------------------------------------------------- torch.func operators
+@contextmanager
+def ad_friendly_attention():
+    """Use the math SDPA kernel: the fused CPU/GPU kernels have no forward-mode AD (method.md section 8)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def decoder_operators(decode: Callable[[Tensor], Tensor], h0: Tensor, *, chunk_size: int | None = None):
+    """Batched JVP and VJP callables of ``decode`` at ``h0`` (shape (1, *h_shape)).
+
+    Returns ``(jvp, vjp, out)`` where ``jvp``: (m, d) -> (m, out_dim) and ``vjp``: (m, out_dim) -> (m, d), and
+    ``out`` is ``decode(h0)``. The VJP closure is built once and reused, so each call costs a backward pass
+    only; ``chunk_size`` bounds how many tangents go through the decoder at once (memory).
+    """
+    from torch.func import jvp as fjvp
+    from torch.func import vjp as fvjp
+    from torch.func import vmap
+
+    h0 = h0.detach()
+    with ad_friendly_attention():
+        out, vjp_fn = fvjp(decode, h0)
+    out = out.detach()
+
+    def jvp_single(v: Tensor) -> Tensor:
+        return fjvp(decode, (h0,), (v.view_as(h0),))[1].reshape(-1)
+
+    def vjp_single(u: Tensor) -> Tensor:
+        return vjp_fn(u.view_as(out))[0].reshape(-1)
+
+    def jvp(vs: Tensor) -> Tensor:
+        with ad_friendly_attention():
+            return vmap(jvp_single, chunk_size=chunk_size)(vs).detach()
+
+    def vjp(us: Tensor) -> Tensor:
+        with ad_friendly_attention():
+            return vmap(vjp_single, chunk_size=chunk_size)(us).detach()
+
+    return jvp, vjp, out

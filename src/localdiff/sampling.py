@@ -1,0 +1,138 @@
+"""Deterministic DDIM (eta = 0): inversion, regeneration and h-space edits, as small functions.
+
+The timestep grid and the cumulative alphas come from diffusers' ``DDIMScheduler`` (built from the model's
+own scheduler config); the update itself is the closed-form DDIM step, written out so that an edit can use
+different noise predictions for the x0 term and the direction term (Asyrp's asymmetric step).
+
+Conventions: ``timesteps`` run from high noise to low (``timesteps[0]`` is T). A trajectory ``xs`` has
+``len(timesteps) + 1`` entries: ``xs[i]`` is the latent *before* step ``i`` (at ``timesteps[i]``) and
+``xs[-1]`` the clean image. Images are tensors in [-1, 1] of shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from localdiff.model import DiffusionModel
+
+EDIT_SCHEDULES = ("all", "window", "single")
+
+
+@dataclass
+class Schedule:
+    """DDIM timesteps (descending) and alpha-bar before/after each step."""
+
+    timesteps: Tensor  # (n,) long, descending
+    alpha: Tensor  # (n,) alpha_bar at timesteps[i]
+    alpha_next: Tensor  # (n,) alpha_bar after step i (at timesteps[i + 1], or the final alpha)
+    num_train_timesteps: int = 1000
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def index_of(self, t_fraction: float) -> int:
+        """Step index whose timestep is closest to ``t_fraction * T`` (T = number of training steps)."""
+        target = t_fraction * float(self.num_train_timesteps)
+        return int(torch.argmin((self.timesteps.double() - target).abs()).item())
+
+
+def make_schedule(model: DiffusionModel, num_steps: int) -> Schedule:
+    """The DDIM timestep grid of ``model``'s scheduler with ``num_steps`` steps."""
+    from diffusers import DDIMScheduler
+
+    if not 1 <= num_steps <= model.num_train_timesteps:
+        raise ValueError(f"num_steps must be in 1..{model.num_train_timesteps}, got {num_steps}")
+    sched = DDIMScheduler.from_config(model.scheduler.config)
+    sched.set_timesteps(num_steps)
+    ts = sched.timesteps.to(torch.long)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    alpha = ac[ts]
+    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64).reshape(1)
+    alpha_next = torch.cat([alpha[1:], final])
+    return Schedule(ts, alpha, alpha_next, num_train_timesteps=model.num_train_timesteps)
+
+
+def ddim_step(x: Tensor, eps_x0: Tensor, eps_dir: Tensor, a_t: float, a_next: float) -> Tensor:
+    """One DDIM step (eta = 0) from alpha-bar ``a_t`` to ``a_next``.
+
+    ``eps_x0`` forms the predicted clean image, ``eps_dir`` the direction pointing to x_next; they are the same
+    tensor except in Asyrp's asymmetric edit. The same formula with ``a_next > a_t`` is a DDIM inversion step.
+    """
+    x0 = (x - (1 - a_t) ** 0.5 * eps_x0) / a_t**0.5
+    return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps_dir
+
+
+@torch.no_grad()
+def ddim_invert(model: DiffusionModel, x0: Tensor, schedule: Schedule, *, progress: bool = False) -> Tensor:
+    """DDIM inversion: clean image -> x_T, walking the schedule backwards (eps at the less noisy latent)."""
+    x = x0.to(model.device, model.dtype)
+    n = len(schedule)
+    for i in tqdm(range(n - 1, -1, -1), desc="invert", disable=not progress, leave=False):
+        t = schedule.timesteps[i]
+        eps = model.eps(x, t)
+        a_from, a_to = float(schedule.alpha_next[i]), float(schedule.alpha[i])
+        x = ddim_step(x, eps, eps, a_from, a_to)
+    return x
+
+
+DeltaFn = Callable[[int], "Tensor | None"]
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: DiffusionModel,
+    x_start: Tensor,
+    schedule: Schedule,
+    *,
+    start: int = 0,
+    delta_h: DeltaFn | None = None,
+    asymmetric: bool = False,
+    record: bool = False,
+    progress: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Deterministic DDIM sampling from ``x_start`` (the latent before step ``start``).
+
+    ``delta_h(i)`` returns the h-space offset to add at step ``i`` (shape (B, *h_shape) or broadcastable), or
+    ``None`` for no edit at that step. With ``asymmetric=True`` the edited eps forms only the x0 term and the
+    unedited eps the direction term (Asyrp). Returns ``(x0, xs, hs)``; ``xs``/``hs`` hold each step's input
+    latent and unedited h when ``record`` is set, else are empty.
+    """
+    x = x_start.to(model.device, model.dtype)
+    xs: list[Tensor] = []
+    hs: list[Tensor] = []
+    for i in tqdm(range(start, len(schedule)), desc="sample", disable=not progress, leave=False):
+        t = schedule.timesteps[i]
+        enc = model.encode(x, t)
+        if record:
+            xs.append(x)
+            hs.append(enc.h)
+        dh = delta_h(i) if delta_h is not None else None
+        if dh is None:
+            eps = eps_dir = model.decode(enc.h, enc.skips, enc.temb)
+        else:
+            eps = model.decode(enc.h + dh, enc.skips, enc.temb)
+            eps_dir = model.decode(enc.h, enc.skips, enc.temb) if asymmetric else eps
+        x = ddim_step(x, eps, eps_dir, float(schedule.alpha[i]), float(schedule.alpha_next[i]))
+    if record:
+        xs.append(x)
+    return x, xs, hs
+
+
+def edit_steps(schedule: Schedule, kind: str, step: int) -> Sequence[int]:
+    """Indices of the steps at which an edit found at step ``step`` is applied.
+
+    ``all``: every step (Haas et al.); ``window``: from T down to the discovery step (Asyrp's [T, t_edit]);
+    ``single``: the discovery step only.
+    """
+    if kind == "all":
+        return range(len(schedule))
+    if kind == "window":
+        return range(0, step + 1)
+    if kind == "single":
+        return range(step, step + 1)
+    raise ValueError(f"unknown edit schedule {kind!r}; choose one of {', '.join(EDIT_SCHEDULES)}")

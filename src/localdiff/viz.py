@@ -1,0 +1,108 @@
+"""Pictures of edits: direction grids with region outlines and difference heatmaps, sweep strips and GIFs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from localdiff.images import atomic_write, to_pil
+
+OUTLINE = (0, 255, 128)
+_LABEL_H = 14
+
+
+def display_scale(resolution: int) -> int:
+    """Integer upscaling so that small models' images are large enough to see (about 128 px or more)."""
+    return max(1, 128 // resolution)
+
+
+def outline(img: Image.Image, mask: Tensor, color=OUTLINE) -> Image.Image:
+    """Draw the boundary of ``mask`` (bool (R, R), at the image's resolution) onto a copy of ``img``."""
+    m = mask.cpu().numpy().astype(bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    edge = m & ~inner
+    arr = np.asarray(img.convert("RGB")).copy()
+    arr[edge] = color
+    return Image.fromarray(arr)
+
+
+def heatmap(diff: Tensor, vmax: float | None = None) -> Image.Image:
+    """|difference| (C, H, W) averaged over channels -> black-red-yellow-white heat image."""
+    d = diff.detach().float().cpu().abs().mean(0)
+    scale = vmax if vmax else float(d.max().clamp(min=1e-8))
+    v = (d / scale).clamp(0, 1).numpy()
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def direction_grid(
+    rows: Sequence[tuple[str, Tensor, Tensor]],
+    strengths: Sequence[float],
+) -> Image.Image:
+    """One row per direction: ``(label, images (S, C, R, R) in [-1, 1], mask (R, R))`` for ``strengths``.
+
+    Each row shows the edits from the most negative to the most positive strength with the region outlined,
+    and a last column with the heatmap of |x(+s) - x(-s)| (same colour scale for all rows).
+    """
+    res = rows[0][1].shape[-1]
+    k = display_scale(res)
+    cell = res * k
+    n_cols = len(strengths) + 1
+    label_w = 70
+    grid = Image.new("RGB", (label_w + n_cols * cell, _LABEL_H + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _font()
+    for j, s in enumerate(strengths):
+        draw.text((label_w + j * cell + 2, 1), f"{s:+.3g}", fill="black", font=font)
+    draw.text((label_w + len(strengths) * cell + 2, 1), "|diff|", fill="black", font=font)
+    vmax = max(float((imgs[-1] - imgs[0]).abs().mean(0).max()) for _, imgs, _ in rows) or 1e-8
+    for i, (label, imgs, mask) in enumerate(rows):
+        y = _LABEL_H + i * cell
+        draw.text((2, y + cell // 2 - 6), label, fill="black", font=font)
+        for j, im in enumerate(to_pil(imgs)):
+            tile = outline(im, mask).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_w + j * cell, y))
+        hm = outline(heatmap(imgs[-1] - imgs[0], vmax), mask, (0, 160, 255))
+        grid.paste(hm.resize((cell, cell), Image.Resampling.NEAREST), (label_w + len(strengths) * cell, y))
+    return grid
+
+
+def strip(images: Tensor, mask: Tensor | None = None) -> Image.Image:
+    """A horizontal strip of images (B, C, R, R) in [-1, 1], upscaled for display."""
+    res = images.shape[-1]
+    cell = res * display_scale(res)
+    out = Image.new("RGB", (cell * len(images), cell), "white")
+    for j, im in enumerate(to_pil(images)):
+        if mask is not None:
+            im = outline(im, mask)
+        out.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, 0))
+    return out
+
+
+def save_gif(images: Tensor, path: str | Path, *, duration_ms: int = 120, bounce: bool = True) -> None:
+    """Animated GIF of a sweep (B, C, R, R) in [-1, 1]; ``bounce`` plays it forwards then backwards."""
+    res = images.shape[-1]
+    cell = res * display_scale(res)
+    frames = [im.resize((cell, cell), Image.Resampling.NEAREST) for im in to_pil(images)]
+    if bounce and len(frames) > 2:
+        frames = frames + frames[-2:0:-1]
+    with atomic_write(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+
+
+def symmetric_strengths(max_strength: float, n: int) -> list[float]:
+    """``n`` strengths evenly from ``-max_strength`` to ``+max_strength`` (n odd includes 0)."""
+    return torch.linspace(-max_strength, max_strength, n).tolist()
