@@ -185,8 +185,10 @@ def cmd_discover(args) -> None:
     image = open_image(args.image)
     masks = _parse_masks(args.mask)
     editor = _editor(args, args.steps)
+    region_masks = editor.prepare_masks(masks, image)
+    image = editor.prepare(image)
     dirs = editor.discover(
-        image, masks, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
+        image, region_masks, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
         individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
     )
     if grid is not None:
@@ -215,7 +217,7 @@ def _load_for_edit(args):
     image = open_image(args.image)
     editor = _editor(args, args.steps or int(dirs.meta.get("num_steps", DEFAULTS["num_steps"])))
     dirs.check_model(editor.model.fingerprint, allow_foreign=args.allow_foreign_model)
-    return dirs, chosen, image, editor
+    return dirs, chosen, editor.prepare(image), editor
 
 
 def cmd_edit(args) -> None:

@@ -249,19 +249,23 @@ class LocalEditor:
                     v = direction.vector.to(model.device, model.dtype).reshape(deltas.shape[1:])
                     deltas[b] += float(strength) * direction.unit * v
             fractions += [d.timestep_fraction for d, _ in edit]
-        if not torch.any(deltas != 0):
-            return inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
+        result = inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
+        edited = deltas.flatten(1).ne(0).any(dim=1)  # rows with no offset *are* the reconstruction
+        if not edited.any():
+            return result
         frac = timestep if timestep is not None else fractions[0]
         steps = set(edit_steps(inv.schedule, schedule, inv.schedule.index_of(frac)))
-        start = min(steps)
+        start = min(steps)  # before the first edited step the trajectory is the cached one
+        active = deltas[edited]
 
         def delta_h(i: int):
-            return deltas if i in steps else None
+            return active if i in steps else None
 
-        x_start = inv.xs[start].expand(len(edits), -1, -1, -1)
+        x_start = inv.xs[start].expand(len(active), -1, -1, -1)
         out, _, _ = ddim_sample(model, x_start, inv.schedule, start=start, delta_h=delta_h, asymmetric=asymmetric,
                                 progress=self.progress)
-        return out
+        result[edited] = out
+        return result
 
     def edit(self, image: ImageLike, direction: Direction | Sequence[Edit], strength: float | None = None,
              **kwargs) -> Image.Image:

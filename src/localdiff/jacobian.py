@@ -136,7 +136,8 @@ def subspace_iteration(
                 still.append(r)
         active = still
         bar.update(1)
-        bar.set_postfix(angle=f"{max((last_angle[r] for r in range(n_regions)), default=0):.3g}deg")
+        if it > 1:
+            bar.set_postfix(moved=f"{max(last_angle):.3g} deg")
         if not active:
             break
     bar.close()

@@ -1,0 +1,115 @@
+"""End-to-end discovery on a test model: locality at the eps level, JIVE structure, directions file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from localdiff import Directions, LocalDiffError
+from localdiff.metrics import eps_locality
+
+from conftest import REGIONS, texture
+
+
+def test_local_directions_are_local_at_eps_level(editor, discovered):
+    """method.md section 7, last item: |m * J v|^2 / |J v|^2 at the discovery timestep."""
+    g = torch.Generator().manual_seed(0)
+    d = discovered.individual["eyes"].shape[1]
+    rand = torch.randn(16, d, generator=g)
+    rand = rand / rand.norm(dim=1, keepdim=True)
+    for region in discovered.regions:
+        vecs = torch.cat([discovered.individual[region][:1], rand])
+        jv = editor.responses(texture(), vecs, discovered.meta["timestep_fraction"])
+        scores = eps_locality(jv, discovered.masks[region])
+        ours, baseline = scores[0].item(), scores[1:].mean().item()
+        assert ours > 2 * baseline, (region, ours, baseline)
+
+
+def test_structure_of_directions(discovered):
+    assert discovered.regions == ["eyes", "mouth", "side"]
+    joint = discovered.joint
+    for r in discovered.regions:
+        v = discovered.individual[r]
+        assert v.shape == (2, 64 * 8 * 8)
+        assert torch.allclose(v @ v.T, torch.eye(2), atol=1e-5)
+        if len(joint):
+            assert (v @ joint.T).abs().max() < 1e-5
+        assert torch.equal(discovered.masks[r], REGIONS[r])
+        assert discovered.meta["iterations"][r] <= 50
+    assert discovered.meta["step_index"] == 4 and discovered.meta["timestep"] == 500 and discovered.meta["num_steps"] == 10
+
+
+def test_discovery_is_deterministic_for_a_seed(editor, discovered):
+    again = editor.discover(texture(), {"mouth": REGIONS["mouth"], "side": REGIONS["side"]}, k=4,
+                            individual_rank=2, max_iter=3, seed=0)
+    again2 = editor.discover(texture(), {"mouth": REGIONS["mouth"], "side": REGIONS["side"]}, k=4,
+                             individual_rank=2, max_iter=3, seed=0)
+    assert torch.equal(again.individual["mouth"], again2.individual["mouth"])
+
+
+def test_save_load_round_trip(discovered, tmp_path):
+    path = tmp_path / "d.safetensors"
+    discovered.save(path)
+    back = Directions.load(path)
+    assert back.regions == discovered.regions
+    for r in back.regions:
+        assert torch.equal(back.individual[r], discovered.individual[r])
+        assert torch.equal(back.masks[r], discovered.masks[r])
+    meta = back.meta
+    for key in ("format_version", "model_fingerprint", "timestep", "num_steps", "k", "joint_rank",
+                "individual_rank", "source_image_hash", "h_norm"):
+        assert key in meta, key
+    assert back.select("mouth:1").index == 1 and back.select("mouth").index == 0
+    assert "mouth" in back.describe()
+
+
+def test_directions_refusals(discovered, tmp_path):
+    with pytest.raises(LocalDiffError, match="no region"):
+        discovered.select("nose")
+    with pytest.raises(LocalDiffError, match="indices 0..1"):
+        discovered.select("mouth:7")
+    with pytest.raises(LocalDiffError, match="not a whole number"):
+        discovered.select("mouth:x")
+    with pytest.raises(LocalDiffError, match="another model|not with this one"):
+        discovered.check_model("0000000000000000")
+    discovered.check_model("0000000000000000", allow_foreign=True)
+
+    pkl = tmp_path / "d.safetensors"
+    torch.save({"x": torch.zeros(2)}, pkl)
+    with pytest.raises(LocalDiffError, match="pickle"):
+        Directions.load(pkl)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a tensor file")
+    with pytest.raises(LocalDiffError, match="not a valid safetensors"):
+        Directions.load(junk)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(plain))
+    with pytest.raises(LocalDiffError, match="not localdiff"):
+        Directions.load(plain)
+
+
+def test_editor_refuses_foreign_directions(editor, discovered, tmp_path):
+    from dataclasses import replace
+
+    foreign = replace(discovered["mouth"][0], fingerprint="ffffffffffffffff")
+    with pytest.raises(LocalDiffError, match="another model"):
+        editor.edit(texture(), foreign, strength=0.1)
+    with pytest.raises(LocalDiffError, match="finite"):
+        editor.edit(texture(), discovered["mouth"][0], strength=float("nan"))
+
+
+def test_discover_validates_input(editor):
+    with pytest.raises(LocalDiffError, match="empty"):
+        editor.discover(texture(), {"a": torch.zeros(32, 32, dtype=torch.bool)})
+    with pytest.raises(LocalDiffError, match="whole image"):
+        editor.discover(texture(), {"a": torch.ones(32, 32, dtype=torch.bool)})
+    with pytest.raises(LocalDiffError, match="reserved"):
+        editor.discover(texture(), {"joint": REGIONS["mouth"]})
+    with pytest.raises(LocalDiffError, match="timestep"):
+        editor.discover(texture(), {"a": REGIONS["mouth"]}, timestep=1.5)
+    with pytest.raises(LocalDiffError, match="individual rank"):
+        editor.discover(texture(), {"a": REGIONS["mouth"]}, k=2, individual_rank=3)

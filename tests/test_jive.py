@@ -1,0 +1,81 @@
+"""JIVE on synthetic blocks with planted joint and individual row spaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localdiff.jacobian import largest_principal_angle, orthonormal_rows
+from localdiff.jive import auto_joint_rank, jive
+
+
+def planted(d=60, n=6, r_joint=2, r_ind=2, blocks=3, noise=1e-4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = orthonormal_rows(torch.randn(r_joint + blocks * r_ind, d, generator=g, dtype=torch.float64))
+    w = basis[:r_joint]
+    inds = [basis[r_joint + i * r_ind: r_joint + (i + 1) * r_ind] for i in range(blocks)]
+    xs = []
+    for u in inds:
+        joint_part = torch.randn(n, r_joint, generator=g, dtype=torch.float64) @ w * 3
+        ind_part = torch.randn(n, r_ind, generator=g, dtype=torch.float64) @ u * 2
+        xs.append(joint_part + ind_part + noise * torch.randn(n, d, generator=g, dtype=torch.float64))
+    return xs, w, inds
+
+
+def intersection_of_row_spaces(xs, tol=1e-3):
+    """Brute-force reference: w lies in every row space iff it is an eigenvector of sum_i P_i with eigenvalue N."""
+    projs = []
+    for x in xs:
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh[s > s[0] * 1e-2]
+        projs.append(v.T @ v)
+    evals, evecs = torch.linalg.eigh(sum(projs))
+    return evecs[:, evals > len(xs) - tol].T
+
+
+def test_recovers_planted_joint_and_individual_spaces():
+    xs, w, inds = planted()
+    res = jive(xs, joint_rank=2, individual_rank=2)
+    assert res.converged
+    assert largest_principal_angle(w, res.joint) < 1.0
+    for truth, got in zip(inds, res.individual):
+        assert got.shape == (2, 60)
+        assert largest_principal_angle(truth, got) < 1.0
+        assert (got @ res.joint.T).abs().max() < 1e-6  # individual is orthogonal to joint
+        assert torch.allclose(got @ got.T, torch.eye(2, dtype=got.dtype), atol=1e-6)  # orthonormal
+
+
+def test_matches_brute_force_intersection():
+    xs, _, _ = planted(noise=0.0, seed=3)
+    reference = intersection_of_row_spaces(xs)
+    assert reference.shape[0] == 2
+    res = jive(xs, joint_rank=None, individual_rank=2)
+    assert res.joint_rank == 2
+    assert largest_principal_angle(reference, res.joint) < 1e-3
+
+
+def test_automatic_joint_rank():
+    for r in (0, 1, 3):
+        xs, _, _ = planted(r_joint=r, seed=r)
+        assert auto_joint_rank(xs) == r
+    # orthogonal subspaces: a mix (a + b) / sqrt 2 is 45 degrees from both, which must not count as joint
+    e = torch.eye(8, dtype=torch.float64)
+    assert auto_joint_rank([e[:2], e[2:4]]) == 0
+
+
+def test_ranks_are_capped_and_validated():
+    xs, _, _ = planted(n=3, r_joint=1, r_ind=2)
+    res = jive(xs, joint_rank=1, individual_rank=[5, 1, 2])
+    assert [len(v) for v in res.individual] == [3, 1, 2]  # 5 is capped at the block's 3 rows
+    with pytest.raises(ValueError):
+        jive(xs, joint_rank=100, individual_rank=1)
+    with pytest.raises(ValueError):
+        jive([torch.randn(3, 4), torch.randn(3, 5)], 0, 1)
+
+
+def test_single_region_has_no_joint_part():
+    xs, _, _ = planted(blocks=1)
+    res = jive(xs, joint_rank=None, individual_rank=2)
+    assert res.joint_rank == 0 and res.joint.shape == (0, 60)
+    _, _, vh = torch.linalg.svd(xs[0])
+    assert largest_principal_angle(vh[:2], res.individual[0]) < 1e-3
