@@ -19,6 +19,7 @@ from localdiff.directions import Directions
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image
+from localdiff.masks import load_mask, template_path
 from localdiff.model import default_model_path, load_model
 
 log = logging.getLogger("localdiff")
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help="find local edit directions for regions of an image")
     p.add_argument("image", help="input image (resized to the model's resolution)")
     p.add_argument("--mask", action="append", required=True, metavar="NAME=MASK.png",
-                   help="a region: its name and a mask image (white = region); repeat for several regions")
+                   help="a region: its name and a mask image (white = region), or the name of a template of the "
+                        "default model (eyes, nose, mouth, hair); repeat for several regions")
     p.add_argument("--out", required=True, metavar="DIRS.safetensors", help="where to write the directions")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
     p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
@@ -132,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print what a directions file holds")
     p.add_argument("directions", metavar="DIRS.safetensors")
+
+    p = sub.add_parser("sample", help="draw images from the model (deterministic DDIM from seeded noise)")
+    p.add_argument("-n", type=_positive_int, default=16, help="number of images (default: 16)")
+    p.add_argument("--out", required=True, metavar="GRID.png")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    _model_options(p, DEFAULTS["num_steps"])
+
+    p = sub.add_parser("demo", help="run the whole method on the embedded default model and shipped faces")
+    p.add_argument("--out-dir", default="localdiff-demo", metavar="DIR", help="(default: ./localdiff-demo)")
+    _model_options(p, DEFAULTS["num_steps"])
     return parser
 
 
@@ -166,25 +178,39 @@ def _editor(args, num_steps: int) -> LocalEditor:
     return LocalEditor(model, num_steps=num_steps, progress=not args.quiet)
 
 
-def _parse_masks(specs: Sequence[str]) -> dict[str, str]:
-    masks: dict[str, str] = {}
+def _parse_masks(specs: Sequence[str]) -> tuple[dict[str, Path], set[str]]:
+    """``NAME=MASK.png`` (a user mask) or ``NAME`` (a shipped template), in the order given."""
+    masks: dict[str, Path] = {}
+    templates: set[str] = set()
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise LocalDiffError(f"--mask {spec!r}: write it as NAME=MASK.png (e.g. --mask mouth=mouth.png)")
+        if (sep and not path) or not name:
+            raise LocalDiffError(
+                f"--mask {spec!r}: write it as NAME=MASK.png (e.g. --mask mouth=mouth.png) or a template name"
+            )
         if name in masks:
             raise LocalDiffError(f"region name {name!r} is given twice; each --mask needs its own name")
-        open_image(path, f"mask {name!r}")  # exists and is an image
-        masks[name] = path
-    return masks
+        if sep:
+            open_image(path, f"mask {name!r}")  # exists and is an image
+            masks[name] = Path(path)
+        else:
+            masks[name] = template_path(name)
+            templates.add(name)
+    return masks, templates
 
 
 def cmd_discover(args) -> None:
+    from localdiff.viz import edit_grid
+
     out = check_output_path(args.out, (".safetensors",), "--out")
     grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
     image = open_image(args.image)
-    masks = _parse_masks(args.mask)
+    masks, templates = _parse_masks(args.mask)
     editor = _editor(args, args.steps)
+    if templates and args.model:
+        log.warning("note: mask templates fit the default model's aligned 64x64 faces; check them on your images")
+    res = editor.model.resolution
+    masks = {n: load_mask(p, res, name=n) if n in templates else p for n, p in masks.items()}
     region_masks = editor.prepare_masks(masks, image)
     image = editor.prepare(image)
     dirs = editor.discover(
@@ -192,22 +218,11 @@ def cmd_discover(args) -> None:
         individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
     )
     if grid is not None:
-        save_image(render_grid(editor, image, dirs, args.grid_strength), grid)
+        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS), grid)
     dirs.save(out)
     log.info("wrote %s (%s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions))
     if grid is not None:
         log.info("wrote %s", grid)
-
-
-def render_grid(editor: LocalEditor, image, dirs: Directions, strength: float, n: int = GRID_COLUMNS):
-    """Grid image: one row per local direction, ``n`` strengths from -strength to +strength, plus |diff|."""
-    from localdiff.viz import direction_grid, symmetric_strengths
-
-    strengths = symmetric_strengths(strength, n)
-    local = dirs.local()
-    batch = editor.render(image, [[(d, s)] for d in local for s in strengths])
-    rows = [(d.name, batch[i * n:(i + 1) * n], dirs.masks[d.region]) for i, d in enumerate(local)]
-    return direction_grid(rows, strengths)
 
 
 def _load_for_edit(args):
@@ -252,7 +267,31 @@ def cmd_info(args) -> None:
     print(Directions.load(args.directions).describe())
 
 
-COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info}
+def cmd_sample(args) -> None:
+    from localdiff.sampling import generate, make_schedule
+    from localdiff.viz import image_grid
+
+    out = check_output_path(args.out, (".png",), "--out")
+    editor = _editor(args, args.steps)
+    images = generate(editor.model, args.n, make_schedule(editor.model, args.steps), seed=args.seed,
+                      progress=editor.progress)
+    save_image(image_grid(images), out)
+    log.info("wrote %s (%d images)", out, args.n)
+
+
+def cmd_demo(args) -> None:
+    from localdiff.demo import run_demo
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
+    check_output_path(out_dir / "grid.png", (".png",), "--out-dir") if out_dir.is_dir() else None
+    editor = _editor(args, args.steps)
+    run_demo(editor, out_dir)
+
+
+COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
+            "sample": cmd_sample, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from localdiff.directions import Direction, Directions, check_region_name
 from localdiff.errors import LocalDiffError
-from localdiff.images import ImageLike, image_size, load_image, load_mask, tensor_hash, to_pil
+from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_pil
+from localdiff.masks import load_mask
 from localdiff.jacobian import decoder_operators, subspace_iteration
 from localdiff.jive import jive
 from localdiff.model import DiffusionModel, load_model

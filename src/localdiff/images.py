@@ -21,9 +21,6 @@ log = logging.getLogger("localdiff")
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
-_MASK_MODES = {"1", "L", "P", "LA", "RGB", "RGBA"}
-
-
 def open_image(src: str | Path, what: str = "image") -> Image.Image:
     """Open an image file fully (so errors surface here), or raise a one-line :class:`LocalDiffError`."""
     path = Path(src)
@@ -41,13 +38,13 @@ def open_image(src: str | Path, what: str = "image") -> Image.Image:
         raise LocalDiffError(f"cannot read {what} {src}: {exc}") from exc
 
 
-def _center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
 
 
-def _as_pil(img: ImageLike, what: str) -> Image.Image:
+def as_pil(img: ImageLike, what: str) -> Image.Image:
     if isinstance(img, (str, Path)):
         return open_image(img, what)
     if isinstance(img, Image.Image):
@@ -69,7 +66,7 @@ def _as_pil(img: ImageLike, what: str) -> Image.Image:
 
 def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tensor:
     """RGB image -> tensor (1, 3, R, R) in [-1, 1]; other sizes are centre-cropped and resized (with a notice)."""
-    pil = _as_pil(img, "image")
+    pil = as_pil(img, "image")
     if pil.mode not in ("RGB", "RGBA", "L", "P", "LA", "1", "CMYK", "YCbCr"):
         raise LocalDiffError(f"{name} has image mode {pil.mode}, which localdiff cannot use; save it as RGB PNG")
     pil = pil.convert("RGB")
@@ -78,52 +75,15 @@ def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tenso
             "note: %s is %dx%d; centre-cropping and resizing it to the model's %dx%d",
             name, pil.size[0], pil.size[1], resolution, resolution,
         )
-        pil = pil.crop(_center_crop_box(*pil.size)).resize((resolution, resolution), Image.Resampling.LANCZOS)
+        pil = pil.crop(center_crop_box(*pil.size)).resize((resolution, resolution), Image.Resampling.LANCZOS)
     arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
-
-
-def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[int, int] | None = None) -> Tensor:
-    """A region mask -> bool tensor (R, R).
-
-    Accepts a file, PIL image, array or tensor. White (or, for images with transparency, opaque) pixels are
-    inside. A mask must have the size of the image it belongs to (it is then cropped and resized with it,
-    nearest neighbour) or the model's resolution; it must be neither empty nor the whole image.
-    """
-    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
-        mask = mask.to(torch.uint8) * 255
-    if isinstance(mask, np.ndarray) and mask.dtype == bool:
-        mask = mask.astype(np.uint8) * 255
-    pil = _as_pil(mask, f"mask {name!r}")
-    if pil.mode not in _MASK_MODES:
-        raise LocalDiffError(
-            f"mask {name!r} has image mode {pil.mode}; save it as an 8-bit black-and-white PNG (white = region)"
-        )
-    if pil.mode in ("RGBA", "LA") and pil.getchannel("A").getextrema()[0] < 255:
-        grey = pil.getchannel("A")
-    else:
-        grey = pil.convert("L")
-    size = grey.size
-    if size != (resolution, resolution):
-        if image_size is not None and size != tuple(image_size):
-            raise LocalDiffError(
-                f"mask {name!r} is {size[0]}x{size[1]} but the image is {image_size[0]}x{image_size[1]}; "
-                f"give a mask of the image's size or of the model's ({resolution}x{resolution})"
-            )
-        grey = grey.crop(_center_crop_box(*size)).resize((resolution, resolution), Image.Resampling.NEAREST)
-    m = torch.from_numpy(np.asarray(grey) >= 128)
-    frac = float(m.float().mean())
-    if frac == 0.0:
-        raise LocalDiffError(f"mask {name!r} is empty (no white pixels) at {resolution}x{resolution}; paint the region white")
-    if frac == 1.0:
-        raise LocalDiffError(f"mask {name!r} covers the whole image; a region must leave something outside it")
-    return m
 
 
 def image_size(img: ImageLike) -> tuple[int, int] | None:
     """(width, height) of an image-like input, if it has one."""
     try:
-        return _as_pil(img, "image").size
+        return as_pil(img, "image").size
     except LocalDiffError:
         return None
 

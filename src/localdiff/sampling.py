@@ -136,3 +136,19 @@ def edit_steps(schedule: Schedule, kind: str, step: int) -> Sequence[int]:
     if kind == "single":
         return range(step, step + 1)
     raise ValueError(f"unknown edit schedule {kind!r}; choose one of {', '.join(EDIT_SCHEDULES)}")
+
+
+@torch.no_grad()
+def generate(model: DiffusionModel, n: int, schedule: Schedule, *, seed: int = 0, batch_size: int = 16,
+             progress: bool = False) -> Tensor:
+    """Draw ``n`` images from noise with deterministic DDIM; image ``i`` depends on ``seed`` and ``i`` only."""
+    r = model.resolution
+    noise = [torch.randn(model.in_channels, r, r, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+             for i in range(n)]
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="sample batches", disable=not progress or n <= batch_size,
+                      leave=False):
+        x_T = torch.stack(noise[start:start + batch_size])
+        x, _, _ = ddim_sample(model, x_T, schedule, progress=progress)
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)

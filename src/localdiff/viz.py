@@ -80,6 +80,15 @@ def direction_grid(
     return grid
 
 
+def edit_grid(editor, image, dirs, strength: float, n: int = 5) -> Image.Image:
+    """Grid of ``image`` edited along every local direction of ``dirs`` at ``n`` strengths in [-strength, strength]."""
+    strengths = symmetric_strengths(strength, n)
+    local = dirs.local()
+    batch = editor.render(image, [[(d, s)] for d in local for s in strengths])
+    rows = [(d.name, batch[i * n:(i + 1) * n], dirs.masks[d.region]) for i, d in enumerate(local)]
+    return direction_grid(rows, strengths)
+
+
 def strip(images: Tensor, mask: Tensor | None = None) -> Image.Image:
     """A horizontal strip of images (B, C, R, R) in [-1, 1], upscaled for display."""
     res = images.shape[-1]
@@ -106,3 +115,16 @@ def save_gif(images: Tensor, path: str | Path, *, duration_ms: int = 120, bounce
 def symmetric_strengths(max_strength: float, n: int) -> list[float]:
     """``n`` strengths evenly from ``-max_strength`` to ``+max_strength`` (n odd includes 0)."""
     return torch.linspace(-max_strength, max_strength, n).tolist()
+
+
+def image_grid(images: Tensor, columns: int | None = None) -> Image.Image:
+    """Images (B, C, R, R) in [-1, 1] tiled in a near-square grid, upscaled for display."""
+    n = len(images)
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    res = images.shape[-1]
+    cell = res * display_scale(res)
+    grid = Image.new("RGB", (cols * cell, rows * cell), "white")
+    for i, im in enumerate(to_pil(images)):
+        grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % cols) * cell, (i // cols) * cell))
+    return grid

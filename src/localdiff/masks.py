@@ -1,0 +1,71 @@
+"""Region masks: loading user masks and the shipped templates for the default model's aligned faces.
+
+A mask is a bool tensor (R, R) at the model's resolution: True inside the region. Users give masks as image
+files (white = region; or, for images with transparency, the opaque pixels) or, with the embedded default
+model, by template name (``eyes``, ``nose``, ``mouth``, ``hair``): the templates fit its aligned 64x64 faces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from localdiff.errors import LocalDiffError
+from localdiff.images import ImageLike, as_pil, center_crop_box
+
+_MASK_MODES = {"1", "L", "P", "LA", "RGB", "RGBA"}
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+def template_names() -> list[str]:
+    """Names of the shipped region templates (for the default model's 64x64 aligned faces)."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.png"))
+
+
+def template_path(name: str) -> Path:
+    path = TEMPLATE_DIR / f"{name}.png"
+    if not path.is_file():
+        known = ", ".join(template_names()) or "none"
+        raise LocalDiffError(f"no mask template named {name!r} (templates: {known}); give NAME=MASK.png for your own mask")
+    return path
+
+
+def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[int, int] | None = None) -> Tensor:
+    """A region mask -> bool tensor (R, R).
+
+    Accepts a file, PIL image, array or tensor. White (or, for images with transparency, opaque) pixels are
+    inside. A mask must have the size of the image it belongs to (it is then cropped and resized with it,
+    nearest neighbour) or the model's resolution; it must be neither empty nor the whole image.
+    """
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        mask = mask.to(torch.uint8) * 255
+    if isinstance(mask, np.ndarray) and mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    pil = as_pil(mask, f"mask {name!r}")
+    if pil.mode not in _MASK_MODES:
+        raise LocalDiffError(
+            f"mask {name!r} has image mode {pil.mode}; save it as an 8-bit black-and-white PNG (white = region)"
+        )
+    if pil.mode in ("RGBA", "LA") and pil.getchannel("A").getextrema()[0] < 255:
+        grey = pil.getchannel("A")
+    else:
+        grey = pil.convert("L")
+    size = grey.size
+    if size != (resolution, resolution):
+        if image_size is not None and size != tuple(image_size):
+            raise LocalDiffError(
+                f"mask {name!r} is {size[0]}x{size[1]} but the image is {image_size[0]}x{image_size[1]}; "
+                f"give a mask of the image's size or of the model's ({resolution}x{resolution})"
+            )
+        grey = grey.crop(center_crop_box(*size)).resize((resolution, resolution), Image.Resampling.NEAREST)
+    m = torch.from_numpy(np.asarray(grey) >= 128)
+    frac = float(m.float().mean())
+    if frac == 0.0:
+        raise LocalDiffError(f"mask {name!r} is empty (no white pixels) at {resolution}x{resolution}; paint the region white")
+    if frac == 1.0:
+        raise LocalDiffError(f"mask {name!r} covers the whole image; a region must leave something outside it")
+    return m
