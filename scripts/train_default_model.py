@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from --work-dir's checkpoint")
     p.add_argument("--export", type=Path, default=None, metavar="DIR", help="write the shippable model here at the end")
+    p.add_argument("--export-only", action="store_true",
+                   help="only export --work-dir's last checkpoint to --export (no training)")
     return p.parse_args(argv)
 
 
@@ -154,9 +156,15 @@ def main(argv=None) -> None:
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed_before = 0, 0.0
-    if args.resume and (work / "checkpoint.safetensors").is_file():
+    if (args.resume or args.export_only) and (work / "checkpoint.safetensors").is_file():
         step, elapsed_before = load_checkpoint(work, unet, ema, opt)
         print(f"resumed at step {step}")
+    if args.export_only:
+        if args.export is None:
+            raise SystemExit("--export-only needs --export DIR")
+        export(ema, args.export, dict(steps=step, minutes=round(elapsed_before / 60, 1), note="exported checkpoint"))
+        print(f"exported step {step} to {args.export}")
+        return
     gan = FaceGAN(device)
     alphas = scheduler.alphas_cumprod.to(device)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + step)

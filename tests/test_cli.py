@@ -182,3 +182,24 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_sample_command(small_dir, tmp_path, capsys):
+    out = tmp_path / "samples.png"
+    code, _, err = run(["sample", "-n", "4", "--steps", "3", "--model", small_dir, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[0] == grid.shape[1] == 2 * 16 * 8  # 2x2 images of 16 px, shown 8x larger
+    assert grid.std() > 0
+
+
+def test_template_masks_by_name(small_dir, files, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    code, _, err = run(["discover", files / "face.png", "--mask", "eyes", "--mask", "mouth", "--model", small_dir,
+                        "--steps", "3", "--k", "2", "--individual-rank", "1", "--max-iter", "2", "--out", out],
+                       capsys)
+    assert code == 0, err
+    assert "templates fit the default model" in err
+    from localdiff import Directions
+
+    assert Directions.load(out).regions == ["eyes", "mouth"]

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from localdiff.demo import DemoSettings
 from localdiff.directions import Directions
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.errors import LocalDiffError
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole method on the embedded default model and shipped faces")
     p.add_argument("--out-dir", default="localdiff-demo", metavar="DIR", help="(default: ./localdiff-demo)")
-    _model_options(p, DEFAULTS["num_steps"])
+    _model_options(p, DemoSettings.num_steps)
     return parser
 
 
@@ -287,7 +288,7 @@ def cmd_demo(args) -> None:
         raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
     check_output_path(out_dir / "grid.png", (".png",), "--out-dir") if out_dir.is_dir() else None
     editor = _editor(args, args.steps)
-    run_demo(editor, out_dir)
+    run_demo(editor, out_dir, DemoSettings(num_steps=args.steps))
 
 
 COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
@@ -310,10 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("localdiff")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_localdiff_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)  # the current stderr, also when main() runs again in-process
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._localdiff_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.propagate = False
     # diffusers and transformers chatter (accelerate hints, dtype notes) is not for our users.

@@ -32,11 +32,13 @@ class DemoSettings:
     """What the demo runs with (chosen by measurement on evaluation faces; see docs/defaults.md)."""
 
     regions: tuple[str, ...] = DEMO_REGIONS
-    strength: float = 1.0
-    sweep_frames: int = 7
+    strength: float = 0.5
+    num_steps: int = 20
+    sweep_frames: int = 5
     transfer_faces: int = 3
     grid_columns: int = 5
-    discover: dict = field(default_factory=dict)  # overrides for LocalEditor.discover
+    discover: dict = field(default_factory=lambda: dict(k=4, oversample=2, individual_rank=2, tol_deg=0.2,
+                                                        max_iter=15))  # overrides for LocalEditor.discover
 
 
 def example_faces() -> list[Path]:
