@@ -23,7 +23,7 @@ def model():
 def test_documented_config_and_fingerprint(model):
     path = default_model_path()
     card = (path / "MODEL_CARD.md").read_text("utf-8")
-    documented = re.search(r"fingerprint[^`]*`([0-9a-f]{16})`", card)
+    documented = re.search(r"fingerprint[^`]*`([0-9a-f]{16})`", card, re.IGNORECASE)
     assert documented, "MODEL_CARD.md must state the fingerprint"
     assert model.fingerprint == documented.group(1)
     config = json.loads((path / "unet" / "config.json").read_text())
