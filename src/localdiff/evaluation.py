@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from localdiff import metrics
-from localdiff.directions import Direction
 
 
 @dataclass
@@ -36,18 +35,6 @@ def score_edit(edited: Tensor, reconstruction: Tensor, mask: Tensor,
         outside_ssim=metrics.outside_ssim(a, b, mask).item(),
         leakage={n: metrics.leakage(delta, m).item() for n, m in (others or {}).items()},
     )
-
-
-def score_directions(editor, image, directions: Sequence[Direction], strength: float,
-                     masks: Mapping[str, Tensor], **render_kwargs) -> list[EditScore]:
-    """Edit ``image`` along each direction at ``strength`` (one batch) and score each edit for its own region."""
-    recon = editor.invert(image).reconstruction[0]
-    edited = editor.render(image, [[(d, strength)] for d in directions], **render_kwargs)
-    scores = []
-    for d, e in zip(directions, edited):
-        others = {n: m for n, m in masks.items() if n != d.region}
-        scores.append(score_edit(e, recon, masks[d.region], others))
-    return scores
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
