@@ -283,7 +283,8 @@ def cmd_demo(args) -> None:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
-    check_output_path(out_dir / "grid.png", (".png",), "--out-dir") if out_dir.is_dir() else None
+    # the folder itself, or the one it will be made in, must exist and be writable
+    check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / "grid.png", (".png",), "--out-dir")
     editor = _editor(args, args.steps)
     run_demo(editor, out_dir, DemoSettings(num_steps=args.steps))
 
