@@ -216,7 +216,7 @@ def cmd_discover(args) -> None:
         individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
     )
     if grid is not None:
-        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS), grid)
+        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
     dirs.save(out)
     log.info("wrote %s (%s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions))
     if grid is not None:
@@ -286,7 +286,7 @@ def cmd_demo(args) -> None:
     # the folder itself, or the one it will be made in, must exist and be writable
     check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / "grid.png", (".png",), "--out-dir")
     editor = _editor(args, args.steps)
-    run_demo(editor, out_dir, DemoSettings(num_steps=args.steps))
+    run_demo(editor, out_dir)
 
 
 COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,

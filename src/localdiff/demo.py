@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from localdiff.editor import LocalEditor
 from localdiff.evaluation import EditScore, mean_std, score_edit
@@ -33,10 +32,9 @@ class DemoSettings:
 
     regions: tuple[str, ...] = DEMO_REGIONS
     strength: float = 0.5
-    num_steps: int = 20
-    sweep_frames: int = 5
+    num_steps: int = 20  # the CLI's default --steps for the demo
+    columns: int = 5  # strengths in the grid, which are also the sweep frames
     transfer_faces: int = 3
-    grid_columns: int = 5
     discover: dict = field(default_factory=lambda: dict(k=4, oversample=2, individual_rank=2, tol_deg=0.2,
                                                         max_iter=15))  # overrides for LocalEditor.discover
 
@@ -47,7 +45,7 @@ def example_faces() -> list[Path]:
 
 def run_demo(editor: LocalEditor, out_dir: Path, settings: DemoSettings | None = None) -> list[dict]:
     """Run the demo into ``out_dir``; returns the metric rows it printed."""
-    from localdiff.viz import edit_grid, save_gif, strip, symmetric_strengths
+    from localdiff.viz import edit_grid, save_gif, strip
 
     s = settings or DemoSettings()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,16 +60,14 @@ def run_demo(editor: LocalEditor, out_dir: Path, settings: DemoSettings | None =
     log.info("discovering local directions for %s on %s ...", ", ".join(s.regions), faces[0].name)
     dirs = editor.discover(source, masks, **s.discover)
     dirs.save(out_dir / "directions.safetensors")
-    save_image(edit_grid(editor, source, dirs, s.strength, s.grid_columns), out_dir / "grid.png")
+    grid, frames = edit_grid(editor, source, dirs, s.strength, s.columns)
+    save_image(grid, out_dir / "grid.png")
     t_discover = time.perf_counter() - t0
 
     firsts = [dirs[r][0] for r in s.regions]
-    strengths = symmetric_strengths(s.strength, s.sweep_frames)
-    sweeps = editor.render(source, [[(d, v)] for d in firsts for v in strengths])
-    for i, d in enumerate(firsts):
-        frames = sweeps[i * len(strengths):(i + 1) * len(strengths)]
-        save_gif(frames, out_dir / f"sweep_{d.region}.gif")
-        save_image(strip(frames, masks[d.region]), out_dir / f"sweep_{d.region}.png")
+    for d in firsts:  # the grid's rows are the sweeps: strengths -s .. +s
+        save_gif(frames[d.name], out_dir / f"sweep_{d.region}.gif")
+        save_image(strip(frames[d.name], masks[d.region]), out_dir / f"sweep_{d.region}.png")
 
     rows: list[dict] = []
     scores: dict[tuple[str, str], list[EditScore]] = {}
@@ -79,8 +75,11 @@ def run_demo(editor: LocalEditor, out_dir: Path, settings: DemoSettings | None =
     for j, face in enumerate(faces[: 1 + s.transfer_faces]):
         image = source if j == 0 else editor.prepare(face, name=face.name)
         recon = editor.invert(image).reconstruction
-        edited = editor.render(image, [[(d, s.strength)] for d in firsts])
-        panel.append(torch.cat([editor.prepare(image), recon.cpu(), edited.cpu()]))
+        if j == 0:  # already rendered: the last column of the grid is strength +s
+            edited = torch.stack([frames[d.name][-1] for d in firsts])
+        else:
+            edited = editor.render(image, [[(d, s.strength)] for d in firsts])
+        panel.append(torch.cat([image, recon.cpu(), edited.cpu()]))
         for d, e in zip(firsts, edited):
             others = {n: m for n, m in masks.items() if n != d.region}
             kind = "source" if j == 0 else "transfer"
@@ -116,14 +115,8 @@ def format_table(rows: list[dict]) -> str:
 
 def _save_panel(rows: list[torch.Tensor], masks: dict, regions, path: Path) -> None:
     """Rows: faces; columns: input, reconstruction, then the first direction of each region."""
-    from localdiff.viz import display_scale, outline
+    from localdiff.viz import outline, tile
 
-    res = rows[0].shape[-1]
-    cell = res * display_scale(res)
-    grid = Image.new("RGB", (cell * rows[0].shape[0], cell * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, im in enumerate(to_pil(row)):
-            if j >= 2:
-                im = outline(im, masks[regions[j - 2]])
-            grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, i * cell))
-    save_image(grid, path)
+    ims = [outline(im, masks[regions[j - 2]]) if j >= 2 else im
+           for row in rows for j, im in enumerate(to_pil(row))]
+    save_image(tile(ims, rows[0].shape[0]), path)

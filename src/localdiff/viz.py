@@ -80,25 +80,34 @@ def direction_grid(
     return grid
 
 
-def edit_grid(editor, image, dirs, strength: float, n: int = 5) -> Image.Image:
-    """Grid of ``image`` edited along every local direction of ``dirs`` at ``n`` strengths in [-strength, strength]."""
+def edit_grid(editor, image, dirs, strength: float, n: int = 5) -> tuple[Image.Image, dict[str, Tensor]]:
+    """``image`` edited along every local direction of ``dirs`` at ``n`` strengths in [-strength, strength].
+
+    Returns the grid picture and the edits themselves, ``{direction name: (n, C, R, R)}``, for reuse.
+    """
     strengths = symmetric_strengths(strength, n)
     local = dirs.local()
     batch = editor.render(image, [[(d, s)] for d in local for s in strengths])
-    rows = [(d.name, batch[i * n:(i + 1) * n], dirs.masks[d.region]) for i, d in enumerate(local)]
-    return direction_grid(rows, strengths)
+    frames = {d.name: batch[i * n:(i + 1) * n] for i, d in enumerate(local)}
+    rows = [(d.name, frames[d.name], dirs.masks[d.region]) for d in local]
+    return direction_grid(rows, strengths), frames
+
+
+def tile(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Equal-sized PIL images in rows of ``columns``, upscaled (nearest) for display."""
+    res = images[0].size[0]
+    cell = res * display_scale(res)
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * cell, rows * cell), "white")
+    for i, im in enumerate(images):
+        out.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % columns) * cell, (i // columns) * cell))
+    return out
 
 
 def strip(images: Tensor, mask: Tensor | None = None) -> Image.Image:
     """A horizontal strip of images (B, C, R, R) in [-1, 1], upscaled for display."""
-    res = images.shape[-1]
-    cell = res * display_scale(res)
-    out = Image.new("RGB", (cell * len(images), cell), "white")
-    for j, im in enumerate(to_pil(images)):
-        if mask is not None:
-            im = outline(im, mask)
-        out.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, 0))
-    return out
+    ims = to_pil(images)
+    return tile([outline(im, mask) for im in ims] if mask is not None else ims, len(ims))
 
 
 def save_gif(images: Tensor, path: str | Path, *, duration_ms: int = 120, bounce: bool = True) -> None:
@@ -119,12 +128,4 @@ def symmetric_strengths(max_strength: float, n: int) -> list[float]:
 
 def image_grid(images: Tensor, columns: int | None = None) -> Image.Image:
     """Images (B, C, R, R) in [-1, 1] tiled in a near-square grid, upscaled for display."""
-    n = len(images)
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    res = images.shape[-1]
-    cell = res * display_scale(res)
-    grid = Image.new("RGB", (cols * cell, rows * cell), "white")
-    for i, im in enumerate(to_pil(images)):
-        grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % cols) * cell, (i // cols) * cell))
-    return grid
+    return tile(to_pil(images), columns or int(np.ceil(np.sqrt(len(images)))))
