@@ -40,31 +40,41 @@ def psnr_table(model, faces, steps_list) -> list[str]:
     return lines
 
 
-def edit_table(editor, faces, strengths, schedules, settings: DemoSettings) -> list[str]:
+VARIANTS = {"all": ("all", False), "window": ("window", False), "window-asym": ("window", True),
+            "single": ("single", False)}
+
+
+def edit_table(editor, faces, strengths, variants, timesteps, settings: DemoSettings) -> list[str]:
+    """Discover on each face at each timestep, render the first local direction of each region with every
+    variant and strength, and tabulate locality / visibility / preservation (mean ± std over faces x regions)."""
     res = editor.model.resolution
     masks = {r: load_mask(template_path(r), res, name=r) for r in settings.regions}
     scores: dict[tuple, list] = {}
     for i, face in enumerate(faces):
         image = face[None]
-        dirs = editor.discover(image, masks, **settings.discover)
         recon = editor.invert(image).reconstruction[0]
-        firsts = [dirs[r][0] for r in settings.regions]
-        for schedule in schedules:
-            edits = [[(d, s)] for s in strengths for d in firsts]
-            out = editor.render(image, edits, schedule=schedule)
-            for (edit,), e in zip(edits, out):
-                d, s = edit
-                sc = score_edit(e, recon, masks[d.region])
-                scores.setdefault((schedule, s, d.region), []).append(sc)
+        for ts in timesteps:
+            dirs = editor.discover(image, masks, timestep=ts, **settings.discover)
+            firsts = [dirs[r][0] for r in settings.regions]
+            for name in variants:
+                schedule, asym = VARIANTS[name]
+                edits = [[(d, s)] for s in strengths for d in firsts]
+                out = editor.render(image, edits, schedule=schedule, asymmetric=asym)
+                for (edit,), e in zip(edits, out):
+                    d, s = edit
+                    sc = score_edit(e, recon, masks[d.region])
+                    scores.setdefault((ts, name, s), []).append((d.region, sc))
         print(f"face {i + 1}/{len(faces)} done", flush=True)
-    lines = ["| schedule | strength | region | locality | inside mean abs change | outside PSNR (dB) |",
-             "|---|---:|---|---:|---:|---:|"]
-    for (schedule, s, region), sc in sorted(scores.items()):
-        loc = mean_std([x.locality for x in sc])
-        ins = mean_std([x.inside_change for x in sc])
-        ps = mean_std([x.outside_psnr for x in sc])
-        lines.append(f"| {schedule} | {s} | {region} | {loc[0]:.3f} ± {loc[1]:.3f} | {ins[0]:.3f} ± {ins[1]:.3f} "
-                     f"| {ps[0]:.1f} ± {ps[1]:.1f} |")
+    lines = ["| timestep | variant | strength | locality | inside mean abs change | outside PSNR (dB) | "
+             + " | ".join(f"locality {r}" for r in settings.regions) + " |",
+             "|---:|---|---:|---:|---:|---:|" + "---:|" * len(settings.regions)]
+    for (ts, name, s), sc in sorted(scores.items()):
+        loc = mean_std([x.locality for _, x in sc])
+        ins = mean_std([x.inside_change for _, x in sc])
+        ps = mean_std([x.outside_psnr for _, x in sc])
+        per = [mean_std([x.locality for r, x in sc if r == region])[0] for region in settings.regions]
+        lines.append(f"| {ts} | {name} | {s} | {loc[0]:.3f} ± {loc[1]:.3f} | {ins[0]:.3f} ± {ins[1]:.3f} "
+                     f"| {ps[0]:.1f} ± {ps[1]:.1f} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
     return lines
 
 
@@ -74,8 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--psnr-faces", type=int, default=32)
     p.add_argument("--psnr-steps", type=int, nargs="+", default=[10, 20, 50])
     p.add_argument("--edit-faces", type=int, default=16)
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--schedules", nargs="+", default=["all", "window"])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--timesteps", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--steps", type=int, default=DemoSettings.num_steps)
     p.add_argument("--out", type=Path, default=Path("docs/defaults_measured.md"))
     args = p.parse_args(argv)
@@ -92,7 +103,7 @@ def main(argv=None) -> None:
         editor = LocalEditor(model, num_steps=args.steps)
         lines += [f"## First local direction of each region, {args.edit_faces} evaluation faces, {args.steps} steps, "
                   f"discovery {settings.discover}", ""]
-        lines += edit_table(editor, faces, args.strengths, args.schedules, settings) + [""]
+        lines += edit_table(editor, faces, args.strengths, args.variants, args.timesteps, settings) + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

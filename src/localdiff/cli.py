@@ -72,14 +72,14 @@ def _rank(text: str) -> int | None:
     return None if text == "auto" else _whole_number(text, 0)
 
 
-def _model_options(p: argparse.ArgumentParser, steps_default: int | None) -> None:
+def _model_options(p: argparse.ArgumentParser, steps_default: int | None, steps_note: str = "as discovered") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="M", help="diffusers model folder or hub id (default: the embedded model)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
     g.add_argument("--steps", type=_positive_int, default=steps_default, metavar="N",
                    help="DDIM steps for inversion and regeneration"
-                   + (f" (default: {steps_default})" if steps_default else " (default: as discovered)"))
+                   + (f" (default: {steps_default})" if steps_default else f" (default: {steps_note})"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
 
 
@@ -142,6 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole method on the embedded default model and shipped faces")
     p.add_argument("--out-dir", default="localdiff-demo", metavar="DIR", help="(default: ./localdiff-demo)")
     _model_options(p, DemoSettings.num_steps)
+
+    from localdiff.baselines import METHODS
+
+    p = sub.add_parser("eval", help="locality and transfer of localdiff vs the baselines, at matched edit visibility")
+    p.add_argument("--out-dir", default="localdiff-eval", metavar="DIR", help="(default: ./localdiff-eval)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--faces", type=_positive_int, default=None, metavar="N",
+                     help="evaluation faces from the face GAN's evaluation seeds (default: 32; --quick: 2)")
+    src.add_argument("--images", metavar="DIR", help="evaluate on the PNG/JPEG images in DIR instead")
+    p.add_argument("--mask", action="append", metavar="NAME[=MASK.png]",
+                   help="regions: template names or NAME=MASK.png (default: the eyes, nose and mouth templates)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
+                   help=f"methods to compare (default: all of {', '.join(METHODS)})")
+    p.add_argument("--target-change", type=_finite_float, default=None, metavar="D",
+                   help="matched visibility: mean |change| inside the region, images in [0, 1] (default: 0.08)")
+    p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
+                   help=f"h-space edit schedule (default: {DEFAULTS['schedule']})")
+    p.add_argument("--no-transfer", action="store_true", help="skip the transfer evaluation")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 faces, 10 steps, short iterations, 3 strengths (numbers are not meaningful)")
+    _model_options(p, None, f"{DemoSettings.num_steps}; --quick: 10")
     return parser
 
 
@@ -289,8 +310,69 @@ def cmd_demo(args) -> None:
     run_demo(editor, out_dir)
 
 
+def _eval_images(args, resolution: int) -> list[tuple[str, torch.Tensor]]:
+    from localdiff.images import load_image
+
+    if args.images:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise LocalDiffError(f"--images {folder} is not a folder of images")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if len(files) < 2:
+            raise LocalDiffError(f"--images {folder} holds {len(files)} PNG/JPEG images; evaluation needs at least 2")
+        limit = args.faces or (2 if args.quick else len(files))
+        return [(f.name, load_image(f, resolution, name=f.name)) for f in files[:limit]]
+    from localdiff.facegan import FaceGAN, eval_seeds
+
+    n = args.faces or (2 if args.quick else 32)
+    if n < 2:
+        raise LocalDiffError("--faces must be at least 2 (transfer needs a second face)")
+    faces = FaceGAN().faces(eval_seeds(n))
+    if faces.shape[-1] != resolution:
+        faces = torch.nn.functional.interpolate(faces, size=resolution, mode="bilinear", antialias=True)
+    return [(f"seed{s}", faces[i:i + 1]) for i, s in enumerate(eval_seeds(n))]
+
+
+def cmd_eval(args) -> None:
+    from localdiff.evaluation import EvalSettings, run_evaluation, write_report
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
+    check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / "summary.md", (".md",), "--out-dir")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LocalDiffError('the evaluation plots need matplotlib; run: pip install -e ".[eval]"') from None
+    specs, _ = _parse_masks(args.mask or ["eyes", "nose", "mouth"])
+    steps = args.steps or (10 if args.quick else DemoSettings.num_steps)
+    editor = _editor(args, steps)
+    editor.progress = False  # one bar for the whole evaluation instead of one per inversion
+    masks = {n: load_mask(p, editor.model.resolution, name=n) for n, p in specs.items()}
+    faces = _eval_images(args, editor.model.resolution)
+    settings = EvalSettings(methods=tuple(args.methods), regions=tuple(masks), schedule=args.schedule,
+                            transfer=not args.no_transfer)
+    if args.target_change is not None:
+        if not 0 < args.target_change < 1:
+            raise LocalDiffError(f"--target-change must be in (0, 1), got {args.target_change}")
+        settings.target_change = args.target_change
+    if args.quick:
+        settings.ladder = (0.125, 0.5, 1.0)
+        settings.pca_samples = 16
+        settings.discover = dict(k=2, oversample=2, individual_rank=1, null_rank=2, max_iter=4, tol_deg=1.0)
+    result = run_evaluation(editor, faces, masks, settings, progress=not args.quiet)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "localdiff " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("localdiff") else "localdiff eval ..."
+    header = [f"# localdiff eval: {editor.model.name} (fingerprint {editor.model.fingerprint}), {steps} DDIM steps",
+              "", f"Command: `{command}`", ""]
+    recon = editor.invert(faces[0][1]).reconstruction
+    lines = write_report(result, settings, masks, recon, out_dir, header=header)
+    print("\n".join(lines))
+    log.info("wrote %s", ", ".join(str(out_dir / f) for f in ("results.csv", "summary.md", "curves.png", "panel.png")))
+
+
 COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
-            "sample": cmd_sample, "demo": cmd_demo}
+            "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

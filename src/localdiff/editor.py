@@ -30,7 +30,7 @@ from localdiff.directions import Direction, Directions, check_region_name
 from localdiff.errors import LocalDiffError
 from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_pil
 from localdiff.masks import load_mask
-from localdiff.jacobian import decoder_operators, subspace_iteration
+from localdiff.jacobian import decoder_operators, fix_signs, subspace_iteration
 from localdiff.jive import jive
 from localdiff.model import DiffusionModel, load_model
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
@@ -79,6 +79,7 @@ class LocalEditor:
         self.num_steps = num_steps
         self.progress = progress
         self._cache: OrderedDict[tuple[str, int], Inversion] = OrderedDict()
+        self._subspaces: OrderedDict[tuple, tuple] = OrderedDict()  # region_subspaces results, same policy
         self._cache_size = cache_size
 
     @classmethod
@@ -151,31 +152,19 @@ class LocalEditor:
             raise LocalDiffError(f"joint rank must be in 0..{k * len(masks) - 1}, got {joint_rank}")
         region_masks = self.prepare_masks(masks, image)
         inv = self.invert(image)
-        model = self.model
-        step = inv.schedule.index_of(timestep)
-        t = inv.schedule.timesteps[step]
-        with torch.no_grad():
-            enc = model.encode(inv.xs[step], t)
-
-        def decode(h: Tensor) -> Tensor:
-            return model.decode(h, enc.skips, enc.temb)
-
-        jvp, vjp, out = decoder_operators(decode, enc.h, chunk_size=chunk_size)
         names = list(region_masks)
-        mask_stack = torch.stack([region_masks[n] for n in names]).to(model.device, model.dtype)
-        mask_out = mask_stack[:, None].expand(-1, out.shape[1], -1, -1).reshape(len(names), -1)
-        dim = enc.h[0].numel()
-        res = subspace_iteration(
-            jvp, vjp, dim, mask_out, k, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed,
-            dtype=model.dtype, device=model.device, progress=self.progress,
-        )
+        res, enc, step = self.region_subspaces(image, [region_masks[n] for n in names], timestep=timestep, k=k,
+                                               oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg,
+                                               chunk_size=chunk_size)
         for n, conv, its, ang in zip(names, res.converged, res.iterations, res.last_angle_deg):
             if not conv:
                 log.warning("region %s: subspace iteration stopped at %d iterations (last move %.3g deg > %.3g)",
                             n, its, ang, tol_deg)
+        model = self.model
+        t = inv.schedule.timesteps[step]
         blocks = [res.sigma[i, :, None] * res.vectors[i] for i in range(len(names))]
         split = jive(blocks, joint_rank, individual_rank)
-        individual = {n: _fix_signs(v) for n, v in zip(names, split.individual)}
+        individual = {n: fix_signs(v) for n, v in zip(names, split.individual)}
         meta = dict(
             model_name=model.name,
             model_fingerprint=model.fingerprint,
@@ -200,11 +189,42 @@ class LocalEditor:
         return Directions(
             individual=individual,
             individual_sigma=dict(zip(names, split.individual_sigma)),
-            joint=_fix_signs(split.joint),
+            joint=fix_signs(split.joint),
             masks={n: region_masks[n].cpu() for n in names},
             region_sigma={n: res.sigma[i].cpu() for i, n in enumerate(names)},
             meta=meta,
         )
+
+    def region_subspaces(self, image: ImageLike, masks: Sequence[Tensor], *, timestep: float, k: int,
+                         oversample: int = DEFAULTS["oversample"], seed: int = DEFAULTS["seed"],
+                         max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"],
+                         chunk_size: int | None = None):
+        """Top-``k`` right singular vectors of d(m * eps)/dh for each mask (R, R) at ``timestep`` of ``image``'s
+        trajectory, all masks in one batched subspace iteration. Returns ``(SubspaceResult, Encoded, step)``.
+
+        Results are cached per image, masks and settings: rediscovering with other JIVE ranks, or running the
+        masked-Jacobian baseline after :meth:`discover`, costs no further Jacobian products."""
+        inv = self.invert(image)
+        model = self.model
+        step = inv.schedule.index_of(timestep)
+        key = (inv.image_hash, len(inv.schedule), tensor_hash(torch.stack([m.float().cpu() for m in masks])), step,
+               k, oversample, seed, max_iter, tol_deg)
+        if key in self._subspaces:
+            self._subspaces.move_to_end(key)
+            return self._subspaces[key]
+        with torch.no_grad():
+            enc = model.encode(inv.xs[step], inv.schedule.timesteps[step])
+        jvp, vjp, out = decoder_operators(lambda h: model.decode(h, enc.skips, enc.temb), enc.h, chunk_size=chunk_size)
+        mask_stack = torch.stack([m.to(model.device, model.dtype) for m in masks])
+        mask_out = mask_stack[:, None].expand(-1, out.shape[1], -1, -1).reshape(len(masks), -1)
+        res = subspace_iteration(
+            jvp, vjp, enc.h[0].numel(), mask_out, k, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg,
+            seed=seed, dtype=model.dtype, device=model.device, progress=self.progress,
+        )
+        self._subspaces[key] = (res, enc, step)
+        while len(self._subspaces) > self._cache_size:
+            self._subspaces.popitem(last=False)
+        return res, enc, step
 
     # ------------------------------------------------------------------ editing
     def render(
@@ -297,14 +317,6 @@ class LocalEditor:
 
 
 # ---------------------------------------------------------------------- helpers
-def _fix_signs(v: Tensor) -> Tensor:
-    """Make each row's largest-magnitude entry positive, so signs are deterministic."""
-    if len(v) == 0:
-        return v
-    idx = v.abs().argmax(dim=-1, keepdim=True)
-    return v * torch.sign(v.gather(-1, idx))
-
-
 def _check_strength(strength: float) -> None:
     s = float(strength)
     if s != s or s in (float("inf"), float("-inf")):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -25,8 +26,8 @@ class EditScore:
 def score_edit(edited: Tensor, reconstruction: Tensor, mask: Tensor,
                others: Mapping[str, Tensor] | None = None) -> EditScore:
     """Score ``edited`` against the unedited ``reconstruction`` (both (C, R, R) in [-1, 1]) for region ``mask``."""
-    a = (edited.float().cpu() + 1) / 2
-    b = (reconstruction.float().cpu() + 1) / 2
+    a = (edited.float().cpu().clamp(-1, 1) + 1) / 2  # as the saved image would be
+    b = (reconstruction.float().cpu().clamp(-1, 1) + 1) / 2
     delta = a - b
     return EditScore(
         locality=metrics.locality(delta, mask).item(),
@@ -40,3 +41,247 @@ def score_edit(edited: Tensor, reconstruction: Tensor, mask: Tensor,
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     t = torch.tensor(list(values), dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------- matched-visibility evaluation
+LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)  # strengths tried, as multiples of the space's top strength
+TOP_STRENGTH = {"h": 1.0, "x": 0.25}  # h: fraction of |h|; x: fraction of |x_t| (LOCO's published shift is ~0.02)
+
+
+@dataclass
+class EvalSettings:
+    """What ``localdiff eval`` runs (see docs/evaluation.md)."""
+
+    methods: tuple[str, ...] = ("jive", "masked", "nullspace", "loco", "pca", "pullback")
+    regions: tuple[str, ...] = ("eyes", "nose", "mouth")
+    target_change: float = 0.08  # matched visibility: mean |change| inside the region, images in [0, 1]
+    ladder: tuple[float, ...] = LADDER
+    schedule: str = "all"  # h-space edit schedule (x-space methods edit once, at their timestep)
+    transfer: bool = True
+    pca_samples: int = 256
+    discover: dict = field(default_factory=lambda: dict(k=4, oversample=2, individual_rank=2, max_iter=15,
+                                                        tol_deg=0.2))
+
+
+def interpolate_strength(strengths: Sequence[float], changes: Sequence[float], target: float) -> tuple[float, bool]:
+    """The strength at which the (increasing) inside change reaches ``target``, interpolating log-log between the
+    measured points. Returns ``(strength, reached)``; beyond the range: the nearest end and ``False`` above it."""
+    pairs = sorted(zip(strengths, changes))
+    s, c = [p[0] for p in pairs], [max(p[1], 1e-12) for p in pairs]
+    if target <= c[0]:
+        return s[0] * target / c[0], True  # below the smallest step the change is ~linear in strength
+    for (s0, c0), (s1, c1) in zip(zip(s, c), zip(s[1:], c[1:])):
+        if c0 <= target <= c1:
+            if c1 == c0:
+                return s0, True
+            w = (math.log(target) - math.log(c0)) / (math.log(c1) - math.log(c0))
+            return math.exp(math.log(s0) + w * (math.log(s1) - math.log(s0))), True
+    return s[-1], False
+
+
+def _score_rows(edited: Tensor, recon: Tensor, masks: Mapping[str, Tensor], edits, base: dict) -> list[dict]:
+    rows = []
+    for (region, strength), e in zip(edits, edited):
+        others = {n: m for n, m in masks.items() if n != region}
+        sc = score_edit(e, recon, masks[region], others)
+        rows.append(dict(base, region=region, strength=strength, locality=sc.locality,
+                         inside_change=sc.inside_change, outside_psnr=sc.outside_psnr, outside_ssim=sc.outside_ssim,
+                         leakage=sum(sc.leakage.values()),
+                         **{f"leakage_{n}": v for n, v in sc.leakage.items()}))
+    return rows
+
+
+def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], settings: EvalSettings,
+                        base: dict) -> tuple[list[dict], list[dict], Tensor]:
+    """Score one method's directions on one image: a strength ladder (the curve), then every region at the strength
+    that matches ``settings.target_change``. Returns ``(curve rows, matched rows, matched edits (B, C, R, R))``."""
+    from localdiff import baselines
+
+    recon = editor.invert(image).reconstruction[0]
+    top = TOP_STRENGTH[md.space]
+    regions = [r for r in settings.regions if r in md.vectors]
+    ladder = [(r, top * f) for r in regions for f in settings.ladder]
+    out = baselines.render(editor, image, md, ladder, schedule=settings.schedule)
+    curve = _score_rows(out, recon, masks, ladder, dict(base, kind="curve"))
+    matched_edits = []
+    for r in regions:
+        pts = [row for row in curve if row["region"] == r]
+        s, reached = interpolate_strength([p["strength"] for p in pts], [p["inside_change"] for p in pts],
+                                          settings.target_change)
+        matched_edits.append((r, s, reached))
+    out = baselines.render(editor, image, md, [(r, s) for r, s, _ in matched_edits], schedule=settings.schedule)
+    matched = _score_rows(out, recon, masks, [(r, s) for r, s, _ in matched_edits], dict(base, kind="matched"))
+    for row, (_, _, reached) in zip(matched, matched_edits):
+        row["reached"] = reached
+    return curve, matched, out
+
+
+def lpips_status() -> tuple[object | None, str]:
+    """``(metric, note)``: an LPIPS callable if the ``lpips`` package and its backbone weights load offline, else
+    ``None`` and why. LPIPS is never replaced by another number."""
+    try:
+        import lpips  # noqa: F401  (optional; its AlexNet backbone comes from a torchvision download)
+    except ImportError:
+        return None, "unavailable: the lpips package is not installed (its backbone weights need a download)"
+    try:
+        net = lpips.LPIPS(net="alex", verbose=False)
+    except Exception as err:  # offline: torchvision cannot fetch the backbone; say so in the report
+        return None, f"unavailable: LPIPS weights could not be loaded offline ({type(err).__name__})"
+    return net, "LPIPS (AlexNet), lower is closer"
+
+
+def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[str, Tensor],
+                   settings: EvalSettings, *, progress: bool = True) -> dict:
+    """Every method on every face: discover, score on the same face (curve + matched visibility) and, when
+    ``settings.transfer``, score the previous face's directions on this one. Returns a dict with ``rows`` (one per
+    scored edit), ``panel`` (face 0's matched edits per method), ``timings`` (discovery seconds per method) and
+    ``lpips`` (the availability note)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from localdiff import baselines
+    from localdiff.baselines.hspace import fit_hspace_pca
+
+    unknown = [m for m in settings.methods if m not in baselines.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(baselines.METHODS)}")
+    lp, lpips_note = lpips_status()
+    extra: dict = {}
+    if "pca" in settings.methods:
+        extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", 0.5),
+                                             n_samples=settings.pca_samples)
+    rows: list[dict] = []
+    panel: dict[str, Tensor] = {}
+    timings: dict[str, list[float]] = {m: [] for m in settings.methods}
+    previous: dict[str, tuple[str, object]] = {}
+    bar = tqdm(total=len(faces) * len(settings.methods), desc="evaluate", disable=not progress)
+    for i, (name, image) in enumerate(faces):
+        recon = editor.invert(image).reconstruction
+        for method in settings.methods:
+            bar.set_postfix(face=name, method=method)
+            t0 = time.perf_counter()
+            md = baselines.discover(method, editor, image, masks, **settings.discover, **extra)
+            timings[method].append(time.perf_counter() - t0)
+            base = dict(face=name, method=method, setting="source", source=name)
+            curve, matched, out = evaluate_directions(editor, image, md, masks, settings, base)
+            if lp is not None:
+                _add_lpips(lp, matched, out, recon)
+            rows += curve + matched
+            if i == 0:
+                panel[method] = out
+            if settings.transfer and method in previous:
+                src, src_md = previous[method]
+                base = dict(face=name, method=method, setting="transfer", source=src)
+                curve, matched, out = evaluate_directions(editor, image, src_md, masks, settings, base)
+                if lp is not None:
+                    _add_lpips(lp, matched, out, recon)
+                rows += curve + matched
+            previous[method] = (name, md)
+            bar.update(1)
+    bar.close()
+    return dict(rows=rows, panel=panel, timings=timings, lpips=lpips_note)
+
+
+def _add_lpips(net, rows: list[dict], edited: Tensor, recon: Tensor) -> None:
+    with torch.no_grad():
+        d = net(edited.float().cpu().clamp(-1, 1), recon.float().cpu().clamp(-1, 1).expand_as(edited))
+    for row, v in zip(rows, d.flatten().tolist()):
+        row["lpips"] = v
+
+
+SUMMARY_COLUMNS = (("locality", "locality ↑", 3), ("inside_change", "inside change", 3),
+                   ("outside_psnr", "outside PSNR dB ↑", 1), ("outside_ssim", "outside SSIM ↑", 3),
+                   ("leakage", "leakage to other regions ↓", 3))
+
+
+def summary_table(rows: Sequence[dict], methods: Sequence[str], setting: str) -> list[str]:
+    """Markdown table of the matched-visibility rows of ``setting`` ("source"/"transfer"): mean ± std per method."""
+    head = "| method | edits | target reached | " + " | ".join(c[1] for c in SUMMARY_COLUMNS) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(SUMMARY_COLUMNS)]
+    for m in methods:
+        sel = [r for r in rows if r["method"] == m and r["setting"] == setting and r["kind"] == "matched"]
+        if not sel:
+            continue
+        cells = []
+        for key, _, digits in SUMMARY_COLUMNS:
+            mu, sd = mean_std([r[key] for r in sel])
+            cells.append(f"{mu:.{digits}f} ± {sd:.{digits}f}")
+        reached = sum(bool(r["reached"]) for r in sel)
+        lines.append(f"| {m} | {len(sel)} | {reached}/{len(sel)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def region_table(rows: Sequence[dict], methods: Sequence[str], regions: Sequence[str]) -> list[str]:
+    """Markdown: matched-visibility locality per method and region (source images)."""
+    lines = ["| method | " + " | ".join(regions) + " |", "|---|" + "---:|" * len(regions)]
+    for m in methods:
+        cells = []
+        for reg in regions:
+            sel = [r["locality"] for r in rows if r["method"] == m and r["setting"] == "source"
+                   and r["kind"] == "matched" and r["region"] == reg]
+            cells.append(f"{mean_std(sel)[0]:.3f}" if sel else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+CSV_FIELDS = ("face", "method", "setting", "source", "kind", "region", "strength", "reached", "locality",
+              "inside_change", "outside_psnr", "outside_ssim", "leakage", "lpips")
+
+
+def write_report(result: dict, settings: EvalSettings, masks: Mapping[str, Tensor], reconstruction: Tensor,
+                 out_dir, *, header: Sequence[str] = ()) -> list[str]:
+    """Write ``results.csv``, ``summary.md``, ``curves.png`` and ``panel.png`` into ``out_dir``; returns the
+    summary's lines."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from localdiff.images import atomic_write, save_image
+    from localdiff.viz import curves_figure, method_panel
+
+    out = Path(out_dir)
+    rows = result["rows"]
+    methods = [m for m in settings.methods if any(r["method"] == m for r in rows)]
+    leak_cols = sorted({k for r in rows for k in r if k.startswith("leakage_")})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS) + leak_cols, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    with atomic_write(out / "results.csv") as tmp:
+        Path(tmp).write_text(buf.getvalue())
+
+    n_faces = len({r["face"] for r in rows})
+    lines = list(header) + [
+        f"Matched visibility: each method's strength is set per image and region so that the mean |change| inside "
+        f"the region is {settings.target_change} (images in [0, 1]); ladder of strengths "
+        f"{', '.join(f'{f:g}' for f in settings.ladder)} × the space's top strength; h-space schedule "
+        f"`{settings.schedule}`. {n_faces} faces, regions {', '.join(settings.regions)}. LPIPS: {result['lpips']}.",
+        "", "### Same image (directions discovered on the face they edit)", "",
+        *summary_table(rows, methods, "source"), "",
+    ]
+    if any(r["setting"] == "transfer" for r in rows):
+        lines += ["### Transfer (directions from the previous face applied to the next)", "",
+                  *summary_table(rows, methods, "transfer"), ""]
+    lines += ["### Locality per region (same image, matched visibility)", "",
+              *region_table(rows, methods, settings.regions), "",
+              "### Discovery time per image (seconds, this machine)", "",
+              "| method | mean | std |", "|---|---:|---:|"]
+    for m in methods:
+        mu, sd = mean_std(result["timings"][m])
+        lines.append(f"| {m} | {mu:.1f} | {sd:.1f} |")
+    with atomic_write(out / "summary.md") as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+    points: dict[str, list] = {}
+    for m in methods:
+        curve = [r for r in rows if r["method"] == m and r["setting"] == "source" and r["kind"] == "curve"]
+        for level in sorted({r["strength"] for r in curve}):
+            sel = [r for r in curve if r["strength"] == level]
+            points.setdefault(m, []).append(tuple(mean_std([r[k] for r in sel])[0]
+                                                  for k in ("inside_change", "locality", "outside_psnr")))
+    curves_figure(points, settings.target_change, out / "curves.png")
+    panel_masks = {r: masks[r] for r in settings.regions}
+    save_image(method_panel(reconstruction[0], result["panel"], panel_masks), out / "panel.png")
+    return lines

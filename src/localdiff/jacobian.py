@@ -70,6 +70,14 @@ def orthonormal_rows(x: Tensor) -> Tensor:
     return q.transpose(-1, -2)
 
 
+def fix_signs(v: Tensor) -> Tensor:
+    """Make each row's largest-magnitude entry positive, so that singular vectors have deterministic signs."""
+    if len(v) == 0:
+        return v
+    idx = v.abs().argmax(dim=-1, keepdim=True)
+    return v * torch.sign(v.gather(-1, idx))
+
+
 def subspace_iteration(
     jvp: Operator,
     vjp: Operator,

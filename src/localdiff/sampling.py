@@ -90,12 +90,14 @@ def ddim_sample(
     schedule: Schedule,
     *,
     start: int = 0,
+    stop: int | None = None,
     delta_h: DeltaFn | None = None,
     asymmetric: bool = False,
     record: bool = False,
     progress: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Deterministic DDIM sampling from ``x_start`` (the latent before step ``start``).
+    """Deterministic DDIM sampling from ``x_start`` (the latent before step ``start``) up to (not including) step
+    ``stop`` (default: to the end, x0).
 
     ``delta_h(i)`` returns the h-space offset to add at step ``i`` (shape (B, *h_shape) or broadcastable), or
     ``None`` for no edit at that step. With ``asymmetric=True`` the edited eps forms only the x0 term and the
@@ -105,7 +107,8 @@ def ddim_sample(
     x = x_start.to(model.device, model.dtype)
     xs: list[Tensor] = []
     hs: list[Tensor] = []
-    for i in tqdm(range(start, len(schedule)), desc="sample", disable=not progress, leave=False):
+    end = len(schedule) if stop is None else stop
+    for i in tqdm(range(start, end), desc="sample", disable=not progress, leave=False):
         t = schedule.timesteps[i]
         enc = model.encode(x, t)
         if record:
@@ -138,13 +141,18 @@ def edit_steps(schedule: Schedule, kind: str, step: int) -> Sequence[int]:
     raise ValueError(f"unknown edit schedule {kind!r}; choose one of {', '.join(EDIT_SCHEDULES)}")
 
 
+def initial_noise(model: DiffusionModel, n: int, *, seed: int = 0) -> Tensor:
+    """``n`` starting latents x_T on the CPU; latent ``i`` depends on ``seed`` and ``i`` only (not on batching)."""
+    r = model.resolution
+    return torch.stack([torch.randn(model.in_channels, r, r, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in range(n)])
+
+
 @torch.no_grad()
 def generate(model: DiffusionModel, n: int, schedule: Schedule, *, seed: int = 0, batch_size: int = 16,
              progress: bool = False) -> Tensor:
     """Draw ``n`` images from noise with deterministic DDIM; image ``i`` depends on ``seed`` and ``i`` only."""
-    r = model.resolution
-    noise = [torch.randn(model.in_channels, r, r, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-             for i in range(n)]
+    noise = initial_noise(model, n, seed=seed)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sample batches", disable=not progress or n <= batch_size,
                       leave=False):

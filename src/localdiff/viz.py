@@ -129,3 +129,50 @@ def symmetric_strengths(max_strength: float, n: int) -> list[float]:
 def image_grid(images: Tensor, columns: int | None = None) -> Image.Image:
     """Images (B, C, R, R) in [-1, 1] tiled in a near-square grid, upscaled for display."""
     return tile(to_pil(images), columns or int(np.ceil(np.sqrt(len(images)))))
+
+
+def method_panel(reconstruction: Tensor, edits: dict[str, Tensor], masks: dict[str, Tensor]) -> Image.Image:
+    """Rows = regions, columns = the reconstruction then each method's edit (``{method: (regions, C, R, R)}``,
+    rows in the order of ``masks``), each with the region outlined; labelled columns."""
+    methods = list(edits)
+    cells = []
+    for j, (region, mask) in enumerate(masks.items()):
+        cells.append(outline(to_pil(reconstruction), mask))
+        cells += [outline(to_pil(edits[m][j]), mask) for m in methods]
+    grid = tile(cells, 1 + len(methods))
+    cell = grid.size[0] // (1 + len(methods))
+    out = Image.new("RGB", (grid.size[0] + 48, grid.size[1] + _LABEL_H), "white")
+    out.paste(grid, (48, _LABEL_H))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(["input"] + methods):
+        draw.text((48 + i * cell + 2, 1), label, fill="black", font=_font())
+    for j, region in enumerate(masks):
+        draw.text((2, _LABEL_H + j * cell + cell // 2), region, fill="black", font=_font())
+    return out
+
+
+def curves_figure(points: dict[str, list[tuple[float, float, float]]], target: float, path: str | Path) -> None:
+    """Locality and outside PSNR against inside change, one line per method (``{method: [(change, locality,
+    psnr), ...]}``); the matched-visibility target as a dashed line. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, pts in points.items():
+        pts = sorted(pts)
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=method)
+        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=method)
+    for ax, ylabel in zip(axes, ["locality (share of change inside the region)", "outside PSNR (dB)"]):
+        ax.axvline(target, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("inside change (mean |Δ| in the region)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""The methods localdiff is measured against, on the same inversion, masks and edit application.
+
+Every method maps (editor, image, region masks) to a :class:`MethodDirections`: per region, unit vectors in
+h-space (applied like localdiff's own edits: ``h += strength * |h| * v`` at the chosen DDIM steps) or in x_t-space
+(applied once: ``x_t += strength * |x_t| * v`` at the method's timestep, then plain DDIM).
+
+========== ===== ==================================================================================
+name       space what it is
+========== ===== ==================================================================================
+jive       h     localdiff: masked Jacobian subspaces + JIVE, first individual direction (Kouzelis et al.)
+masked     h     masked Jacobian alone, the region's top singular direction (Haas et al.)
+nullspace  h     region directions projected off the top subspace of the outside's Jacobian (RBE idea)
+loco       x     LOCO Edit: masked x0-prediction Jacobian w.r.t. x_t with null-space projection, one step
+pca        h     global: PCA of h over generated samples (Haas et al.); per region the most local component
+pullback   x     global: top right singular vectors of dh/dx_t (Park et al.); per region the most local one
+========== ===== ==================================================================================
+
+Global methods have no notion of a region; to give them their best chance each region gets the component whose
+linear response (predicted x0) is most concentrated in it, chosen among the top ``k`` on that image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from localdiff.directions import Direction
+from localdiff.editor import LocalEditor
+from localdiff.errors import LocalDiffError
+from localdiff.images import ImageLike
+from localdiff.sampling import ddim_sample
+
+
+@dataclass
+class MethodDirections:
+    """Per-region unit directions of one method on one image, and how to apply them."""
+
+    method: str
+    space: str  # "h" or "x"
+    vectors: dict[str, Tensor]  # region -> (r, d) orthonormal rows, the one to use first
+    timestep: float  # fraction of T where they were found (x-space edits are applied there)
+    unit: float  # strength 1 moves h (or x_t) by this much: its norm at discovery
+    fingerprint: str
+    info: dict = field(default_factory=dict)
+
+    def direction(self, region: str, index: int = 0) -> Direction:
+        return Direction(region, index, self.vectors[region][index], 1.0, self.unit, self.fingerprint, self.timestep)
+
+
+Discoverer = Callable[..., MethodDirections]
+
+
+def _registry() -> dict[str, Discoverer]:
+    from localdiff.baselines import hspace, xspace
+
+    return {
+        "jive": hspace.jive_directions,
+        "masked": hspace.masked_jacobian,
+        "nullspace": hspace.nullspace_projection,
+        "loco": xspace.loco_edit,
+        "pca": hspace.pca_directions,
+        "pullback": xspace.pullback,
+    }
+
+
+METHODS = ("jive", "masked", "nullspace", "loco", "pca", "pullback")
+
+
+def discover(method: str, editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor],
+             **settings) -> MethodDirections:
+    """Run ``method`` (one of :data:`METHODS`) on ``image`` for the (R, R) ``masks``."""
+    registry = _registry()
+    if method not in registry:
+        raise LocalDiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return registry[method](editor, image, masks, **settings)
+
+
+def render(editor: LocalEditor, image: ImageLike, md: MethodDirections, edits: Sequence[tuple[str, float]], *,
+           schedule: str = "all", index: int = 0) -> Tensor:
+    """Regenerate ``image`` once per (region, strength) in ``edits`` with ``md``'s direction for that region,
+    batched. h-space methods go through :meth:`LocalEditor.render` with ``schedule``; x-space methods add the
+    offset to x_t at their timestep. Returns (B, C, R, R) in [-1, 1]."""
+    if md.space == "h":
+        return editor.render(image, [[(md.direction(r, index), s)] for r, s in edits], schedule=schedule,
+                             allow_foreign=True)
+    if md.space != "x":
+        raise ValueError(f"unknown space {md.space!r}")
+    inv = editor.invert(image)
+    step = inv.schedule.index_of(md.timestep)
+    x = inv.xs[step]
+    offsets = torch.stack([s * md.unit * md.vectors[r][index].to(x.device, x.dtype).view_as(x[0]) for r, s in edits])
+    out, _, _ = ddim_sample(editor.model, x + offsets, inv.schedule, start=step)
+    zero = torch.tensor([s == 0 for _, s in edits], device=out.device)
+    out[zero] = inv.reconstruction.to(out.dtype)  # strength 0 is the reconstruction, bit for bit
+    return out
+
+
+def most_local(responses: Tensor, masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """For each region, the index of the response (m, C, R, R) whose energy is most concentrated in its mask."""
+    energy = responses.pow(2).sum(dim=1)  # (m, R, R)
+    total = energy.flatten(1).sum(1).clamp(min=1e-30)
+    return {r: int(((energy * m.to(energy)).flatten(1).sum(1) / total).argmax()) for r, m in masks.items()}
+
+
+def picked_first(basis: Tensor, index: int) -> Tensor:
+    """``basis`` (m, d) reordered so that row ``index`` comes first (the chosen direction of a global method)."""
+    return torch.cat([basis[index:index + 1], basis[:index], basis[index + 1:]])
+
+
+__all__ = ["METHODS", "MethodDirections", "discover", "render", "most_local", "picked_first"]

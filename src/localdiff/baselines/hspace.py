@@ -1,0 +1,100 @@
+"""h-space methods: localdiff (JIVE), the masked Jacobian alone, null-space projection, and global PCA."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from localdiff.baselines import MethodDirections, most_local, picked_first
+from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.images import ImageLike
+from localdiff.jacobian import fix_signs, orthonormal_rows
+from localdiff.sampling import ddim_sample, initial_noise, make_schedule
+
+
+def jive_directions(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
+                    timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"],
+                    oversample: int = DEFAULTS["oversample"], joint_rank: int | None = DEFAULTS["joint_rank"],
+                    individual_rank: int = DEFAULTS["individual_rank"], max_iter: int = DEFAULTS["max_iter"],
+                    tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
+    """localdiff itself: :meth:`LocalEditor.discover`, the individual (local) directions of each region."""
+    dirs = editor.discover(image, masks, timestep=timestep, k=k, oversample=oversample, joint_rank=joint_rank,
+                           individual_rank=individual_rank, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+    return MethodDirections("jive", "h", dict(dirs.individual), timestep, dirs.unit, dirs.fingerprint,
+                            info=dict(joint_rank=dirs.meta["joint_rank"]))
+
+
+def masked_jacobian(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
+                    timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"],
+                    oversample: int = DEFAULTS["oversample"], max_iter: int = DEFAULTS["max_iter"],
+                    tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
+    """Haas et al. with a mask: the top right singular vectors of d(m * eps)/dh for each region, no JIVE."""
+    names = list(masks)
+    res, enc, _ = editor.region_subspaces(image, [masks[n] for n in names], timestep=timestep, k=k,
+                                          oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+    vectors = {n: fix_signs(res.vectors[i]).cpu() for i, n in enumerate(names)}
+    return MethodDirections("masked", "h", vectors, timestep, float(enc.h.norm()), editor.model.fingerprint)
+
+
+def project_out(vectors: Tensor, null: Tensor) -> Tensor:
+    """Rows of ``vectors`` (r, d) projected onto the orthogonal complement of the rows of ``null`` (orthonormal),
+    re-orthonormalised in order: v <- v - N^T N v (LOCO Edit's null-space projection)."""
+    projected = vectors - (vectors @ null.T) @ null
+    return orthonormal_rows(projected.double()).to(vectors.dtype)
+
+
+def nullspace_projection(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
+                         timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"], null_rank: int = 5,
+                         oversample: int = DEFAULTS["oversample"], max_iter: int = DEFAULTS["max_iter"],
+                         tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
+    """The LOCO Edit / RBE idea in h-space: each region's top-``k`` directions of d(m * eps)/dh, projected off the
+    top-``null_rank`` directions of d((1 - m) * eps)/dh (what moves everything outside the region)."""
+    names = list(masks)
+    common = dict(timestep=timestep, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+    roi, enc, _ = editor.region_subspaces(image, [masks[n] for n in names], k=k, **common)  # cached by discover
+    outside, _, _ = editor.region_subspaces(image, [1 - masks[n].float() for n in names], k=null_rank, **common)
+    vectors = {n: fix_signs(project_out(roi.vectors[i], outside.vectors[i])).cpu() for i, n in enumerate(names)}
+    return MethodDirections("nullspace", "h", vectors, timestep, float(enc.h.norm()), editor.model.fingerprint,
+                            info=dict(null_rank=null_rank))
+
+
+@torch.no_grad()
+def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DEFAULTS["timestep"], n_samples: int = 256,
+                   n_components: int = 10, seed: int = 0, batch_size: int = 32) -> tuple[Tensor, float]:
+    """Haas et al.'s global directions: principal components of h at ``timestep`` over ``n_samples`` trajectories
+    sampled from noise. Returns ``(components (c, d), mean |h|)``."""
+    model = editor.model
+    schedule = make_schedule(model, editor.num_steps)
+    step = schedule.index_of(timestep)
+    noise = initial_noise(model, n_samples, seed=seed)
+    hs = []
+    for b in tqdm(range(0, n_samples, batch_size), desc="h-space PCA samples", disable=not editor.progress,
+                  leave=False):
+        x, _, _ = ddim_sample(model, noise[b:b + batch_size], schedule, stop=step)
+        hs.append(model.encode(x, schedule.timesteps[step]).h.flatten(1).double().cpu())
+    h = torch.cat(hs)
+    centred = h - h.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    c = min(n_components, vh.shape[0])
+    return vh[:c].to(model.dtype), float(h.norm(dim=1).mean())
+
+
+def pca_directions(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
+                   timestep: float = DEFAULTS["timestep"], components: tuple[Tensor, float] | None = None,
+                   n_samples: int = 256, n_components: int = 10, seed: int = 0, **_) -> MethodDirections:
+    """Global h-space PCA; for each region the component whose eps response on ``image`` is most local.
+
+    ``components``: a :func:`fit_hspace_pca` result to reuse across images (fitting samples ``n_samples``
+    trajectories)."""
+    comps, _ = components or fit_hspace_pca(editor, timestep=timestep, n_samples=n_samples,
+                                            n_components=n_components, seed=seed)
+    responses = editor.responses(image, comps, timestep)
+    pick = most_local(responses, masks)
+    vectors = {r: picked_first(comps, i).cpu() for r, i in pick.items()}
+    inv = editor.invert(image)
+    h_norm = float(inv.hs[inv.schedule.index_of(timestep)].norm())
+    return MethodDirections("pca", "h", vectors, timestep, h_norm, editor.model.fingerprint,
+                            info=dict(component={r: i for r, i in pick.items()}))

@@ -1,0 +1,119 @@
+"""The baselines: orthonormal directions of the right shape, the null-space projection against brute force,
+edits that leave the strength-0 image untouched, and ``localdiff eval --quick`` end to end."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from localdiff import baselines
+from localdiff.baselines.hspace import fit_hspace_pca, project_out
+from localdiff.cli import main
+from localdiff.evaluation import interpolate_strength
+
+from conftest import REGIONS as REGIONS32
+from conftest import texture
+
+SETTINGS = dict(k=3, oversample=2, individual_rank=2, null_rank=2, max_iter=6, tol_deg=0.5)
+REGIONS = {n: m[::2, ::2].clone() for n, m in REGIONS32.items()}  # the 16 px model's regions
+
+
+@pytest.fixture(scope="module")
+def editor(small_dir):
+    """The 16 px model: every baseline runs on it in seconds."""
+    from localdiff import LocalEditor
+
+    return LocalEditor.from_pretrained(small_dir, num_steps=8)
+
+
+@pytest.fixture(scope="module")
+def pca(editor):
+    return fit_hspace_pca(editor, n_samples=12, n_components=4)
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_baseline_directions_are_orthonormal_and_edit(method, editor, pca):
+    image = texture(16)
+    md = baselines.discover(method, editor, image, REGIONS, components=pca, **SETTINGS)
+    inv = editor.invert(image)
+    dim = (inv.hs[0] if md.space == "h" else inv.x0)[0].numel()
+    assert set(md.vectors) == set(REGIONS)
+    for region, v in md.vectors.items():
+        assert v.ndim == 2 and v.shape[1] == dim and 1 <= len(v) <= max(SETTINGS["k"], 4)
+        gram = v.double() @ v.double().T
+        assert torch.allclose(gram, torch.eye(len(v), dtype=gram.dtype), atol=1e-5), (method, region)
+    out = baselines.render(editor, image, md, [("eyes", 0.0), ("eyes", 0.3 if md.space == "h" else 0.1)])
+    assert torch.equal(out[0], inv.reconstruction[0])  # strength 0 is the reconstruction, bit for bit
+    assert (out[1] - out[0]).abs().mean() > 1e-3  # and a non-zero strength changes the image
+
+
+def test_project_out_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    null = torch.linalg.qr(torch.randn(20, 3, generator=g, dtype=torch.float64))[0].T  # (3, 20) orthonormal
+    v = torch.randn(4, 20, generator=g, dtype=torch.float64)
+    got = project_out(v, null)
+    complement = torch.eye(20, dtype=torch.float64) - null.T @ null  # explicit projector
+    ref = torch.linalg.qr((complement @ v.T))[0].T
+    assert (got @ null.T).abs().max() < 1e-10  # orthogonal to the null space
+    assert torch.allclose(got @ got.T, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    # the same subspace, and the same first direction up to sign (Gram-Schmidt keeps the order)
+    assert torch.linalg.svdvals(got @ ref.T).min() > 1 - 1e-10
+    assert abs(abs(float(got[0] @ ref[0])) - 1) < 1e-10
+
+
+def test_nullspace_directions_avoid_the_outside(editor):
+    """The projected directions move the outside of the region less than the raw masked ones do."""
+    image = texture(16)
+    raw = baselines.discover("masked", editor, image, REGIONS, **SETTINGS)
+    proj = baselines.discover("nullspace", editor, image, REGIONS, **SETTINGS)
+    for region, mask in REGIONS.items():
+        def outside_share(v):
+            r = editor.responses(image, v[:1], 0.5).pow(2).sum(1)[0]
+            return float(r[~mask].sum() / r.sum())
+        assert outside_share(proj.vectors[region]) < outside_share(raw.vectors[region]), region
+
+
+def test_most_local_picks_the_concentrated_response():
+    masks = {"left": torch.zeros(4, 4, dtype=torch.bool), "right": torch.zeros(4, 4, dtype=torch.bool)}
+    masks["left"][:, :2] = True
+    masks["right"][:, 2:] = True
+    responses = torch.zeros(3, 1, 4, 4)
+    responses[0] = 1.0  # everywhere
+    responses[1, :, :, 2:] = 1.0  # right only
+    responses[2, :, :, :2] = 1.0  # left only
+    assert baselines.most_local(responses, masks) == {"left": 2, "right": 1}
+
+
+def test_interpolate_strength():
+    s, ok = interpolate_strength([0.1, 0.2, 0.4], [0.01, 0.04, 0.16], 0.08)  # change ~ strength^2
+    assert ok and abs(s - 0.2 * 2**0.5) < 1e-9
+    assert interpolate_strength([0.1, 0.2], [0.01, 0.02], 0.5) == (0.2, False)  # never reached
+    s, ok = interpolate_strength([0.1, 0.2], [0.02, 0.04], 0.01)  # below the ladder: linear
+    assert ok and abs(s - 0.05) < 1e-12
+
+
+def test_eval_quick_writes_the_report(small_dir, tmp_path):
+    from localdiff.images import to_pil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        to_pil(texture(16, seed=i)[0]).save(images / f"face{i}.png")
+    out = tmp_path / "eval"
+    code = main(["eval", "--quick", "--model", str(small_dir), "--images", str(images), "--out-dir", str(out), "-q"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"results.csv", "summary.md", "curves.png", "panel.png"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    methods = {r["method"] for r in rows}
+    assert methods == set(baselines.METHODS)
+    matched = [r for r in rows if r["kind"] == "matched"]
+    assert {r["setting"] for r in matched} == {"source", "transfer"}
+    assert len(matched) == len(methods) * 3 * 3  # 3 regions x (2 faces + face 0's directions on face 1)
+    for r in matched:
+        assert 0.0 <= float(r["locality"]) <= 1.0
+        if r["reached"] == "True":  # calibrated to the target visibility
+            assert abs(float(r["inside_change"]) - 0.08) < 0.04, r
+    summary = (out / "summary.md").read_text()
+    assert "LPIPS: unavailable" in summary or "LPIPS (AlexNet)" in summary
