@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 faces, 10 steps, short iterations, 3 strengths (numbers are not meaningful)")
     _model_options(p, None, f"{DemoSettings.num_steps}; --quick: 10")
+
+    p = sub.add_parser("serve", help="the web UI (Gradio): paint regions, discover, slide, compare, transfer")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="(default: 7860)")
+    _model_options(p, DEFAULTS["num_steps"])
     return parser
 
 
@@ -371,8 +376,22 @@ def cmd_eval(args) -> None:
     log.info("wrote %s", ", ".join(str(out_dir / f) for f in ("results.csv", "summary.md", "curves.png", "panel.png")))
 
 
+def cmd_serve(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise LocalDiffError('the web UI needs gradio; run: pip install -e ".[webui]"') from None
+    if args.port > 65535:
+        raise LocalDiffError(f"--port {args.port} is not a TCP port (1..65535)")
+    from localdiff.webui import serve
+
+    editor = _editor(args, args.steps)
+    editor.progress = False
+    serve(editor, host=args.host, port=args.port)
+
+
 COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
-            "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval}
+            "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,7 @@ class DemoSettings:
     """What the demo runs with (chosen by measurement on evaluation faces; see docs/defaults.md)."""
 
     regions: tuple[str, ...] = DEMO_REGIONS
-    strength: float = 0.5
+    strength: float = 0.25
     num_steps: int = 20  # the CLI's default --steps for the demo
     columns: int = 5  # strengths in the grid, which are also the sweep frames
     transfer_faces: int = 3

@@ -147,9 +147,11 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(baselines.METHODS)}")
     lp, lpips_note = lpips_status()
+    from localdiff.editor import DEFAULTS
+
     extra: dict = {}
     if "pca" in settings.methods:
-        extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", 0.5),
+        extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DEFAULTS["timestep"]),
                                              n_samples=settings.pca_samples)
     rows: list[dict] = []
     panel: dict[str, Tensor] = {}

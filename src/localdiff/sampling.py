@@ -156,7 +156,7 @@ def generate(model: DiffusionModel, n: int, schedule: Schedule, *, seed: int = 0
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sample batches", disable=not progress or n <= batch_size,
                       leave=False):
-        x_T = torch.stack(noise[start:start + batch_size])
+        x_T = noise[start:start + batch_size]
         x, _, _ = ddim_sample(model, x_T, schedule, progress=progress)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -1,0 +1,316 @@
+"""``localdiff serve``: a Gradio app on top of :class:`~localdiff.editor.LocalEditor` (no second implementation).
+
+Each browser session has its own :class:`Session` (a ``gr.State``: image, regions, directions, output folder);
+the model and the editor's content-keyed inversion cache are shared, and requests are queued one at a time, so
+two users never see each other's results. The handlers are plain functions of (editor, session, inputs) and are
+unit-tested without a browser; :func:`build_app` only wires them to components.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from localdiff.directions import Directions
+from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.errors import LocalDiffError
+from localdiff.images import load_image, open_image, save_image, to_pil
+from localdiff.masks import load_mask, template_names, template_path
+from localdiff.sampling import generate, make_schedule
+from localdiff.viz import display_scale, heatmap, save_gif, symmetric_strengths
+
+log = logging.getLogger("localdiff")
+
+MAX_SLIDERS = 12
+MAX_UPLOAD = "10mb"
+MAX_PIXELS = 4096 * 4096
+COLORS = [(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
+STRENGTH_RANGE = 1.0
+
+
+@dataclass
+class Session:
+    """What one browser session has made (never shared between sessions)."""
+
+    image: Tensor | None = None  # (1, C, R, R) in [-1, 1]
+    masks: dict[str, Tensor] = field(default_factory=dict)  # name -> bool (R, R)
+    directions: Directions | None = None
+    workdir: Path | None = None
+
+    def folder(self) -> Path:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="localdiff-ui-"))
+        return self.workdir
+
+
+# ---------------------------------------------------------------------- handlers (plain functions, tested)
+def _need_image(session: Session) -> Tensor:
+    if session.image is None:
+        raise LocalDiffError("upload an image or sample one first")
+    return session.image
+
+
+def _big(img: Image.Image) -> Image.Image:
+    s = display_scale(img.size[0])
+    return img.resize((img.size[0] * s, img.size[1] * s), Image.Resampling.NEAREST)
+
+
+def overlay(image: Tensor, masks: dict[str, Tensor]) -> Image.Image:
+    """The image with each region tinted in its own colour (for display)."""
+    arr = np.asarray(to_pil(image[0])).astype(np.float32)
+    for i, m in enumerate(masks.values()):
+        sel = m.cpu().numpy().astype(bool)
+        arr[sel] = 0.55 * arr[sel] + 0.45 * np.array(COLORS[i % len(COLORS)], np.float32)
+    return _big(Image.fromarray(arr.clip(0, 255).astype(np.uint8)))
+
+
+def load_upload(editor: LocalEditor, session: Session, path: str | None) -> Image.Image:
+    """A new input image from an uploaded file: resets the regions and directions."""
+    if not path:
+        raise LocalDiffError("choose an image file to upload")
+    im = open_image(path, "the uploaded file")  # one-line error for anything PIL cannot read
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        raise LocalDiffError(f"the image is {im.size[0]}x{im.size[1]} pixels; the limit is 4096x4096")
+    session.image = load_image(im, editor.model.resolution, name="upload")
+    session.masks, session.directions = {}, None
+    return overlay(session.image, {})
+
+
+def sample_input(editor: LocalEditor, session: Session, seed: float) -> Image.Image:
+    """A new input image drawn from the model with ``seed``."""
+    seed = int(seed)
+    if seed < 0:
+        raise LocalDiffError(f"the seed must be 0 or more, got {seed}")
+    session.image = generate(editor.model, 1, make_schedule(editor.model, editor.num_steps), seed=seed)
+    session.masks, session.directions = {}, None
+    return overlay(session.image, {})
+
+
+def set_template_regions(editor: LocalEditor, session: Session, names: list[str]) -> Image.Image:
+    """Use the model's shipped templates ``names`` as the regions (replacing template regions chosen before)."""
+    image = _need_image(session)
+    painted = {n: m for n, m in session.masks.items() if n not in template_names()}
+    session.masks = {**{n: load_mask(template_path(n), editor.model.resolution, name=n) for n in names}, **painted}
+    session.directions = None
+    return overlay(image, session.masks)
+
+
+def add_painted_region(editor: LocalEditor, session: Session, painting: dict | None, name: str) -> Image.Image:
+    """A region from the brush strokes of the image editor (any painted pixel of any layer), named ``name``."""
+    image = _need_image(session)
+    from localdiff.directions import check_region_name
+
+    name = check_region_name((name or "").strip())
+    layers = [np.asarray(lay) for lay in (painting or {}).get("layers") or [] if lay is not None]
+    if not layers:
+        raise LocalDiffError("paint the region with the brush first, then add it")
+    alpha = np.zeros(layers[0].shape[:2], bool)
+    for lay in layers:
+        alpha |= (lay[..., 3] > 0) if lay.ndim == 3 and lay.shape[2] == 4 else (lay.reshape(*lay.shape[:2], -1).max(-1) > 0)
+    mask_img = Image.fromarray((alpha * 255).astype(np.uint8))
+    session.masks[name] = load_mask(mask_img, editor.model.resolution, name=name)
+    session.directions = None
+    return overlay(image, session.masks)
+
+
+def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
+    session.masks, session.directions = {}, None
+    return overlay(_need_image(session), {})
+
+
+def discover(editor: LocalEditor, session: Session, timestep: float, k: int, individual_rank: int,
+             joint_rank: str) -> list[str]:
+    """Discover local directions for the session's regions; returns the slider names ("region:index")."""
+    image = _need_image(session)
+    if not session.masks:
+        raise LocalDiffError("choose at least one region (a template or a painted one) before discovering")
+    jr = None if str(joint_rank).strip().lower() in ("", "auto") else _int(joint_rank, "joint rank")
+    session.directions = editor.discover(image, session.masks, timestep=float(timestep), k=int(k),
+                                         individual_rank=int(individual_rank), joint_rank=jr)
+    path = session.folder() / "directions.safetensors"
+    session.directions.save(path)
+    return [d.name for d in session.directions.local()][:MAX_SLIDERS]
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise LocalDiffError(f"{what} must be a whole number or 'auto', got {text!r}") from None
+
+
+def _edits(directions: Directions, values) -> list:
+    return [(d, float(v)) for d, v in zip(directions.local()[:MAX_SLIDERS], values) if float(v) != 0.0]
+
+
+def render(editor: LocalEditor, session: Session, values, *, image: Tensor | None = None,
+           directions: Directions | None = None) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """(original, edited, |difference| heatmap) for the slider ``values`` (one per local direction)."""
+    image = image if image is not None else _need_image(session)
+    directions = directions or session.directions
+    if directions is None:
+        raise LocalDiffError("discover directions first (or upload a directions file for transfer)")
+    edits = _edits(directions, values)
+    inv = editor.invert(image)
+    edited = editor.render(image, [edits], allow_foreign=False)[0] if edits else inv.reconstruction[0]
+    save_image(to_pil(edited), session.folder() / "edited.png")
+    diff = (edited.float().clamp(-1, 1) - inv.reconstruction[0].float().clamp(-1, 1)) / 2
+    return _big(to_pil(image[0])), _big(to_pil(edited)), _big(heatmap(diff, vmax=0.25))
+
+
+def transfer(editor: LocalEditor, session: Session, target_path: str | None, dirs_path: str | None, values):
+    """Apply the current (or an uploaded) directions file with the slider values to another uploaded image."""
+    if not target_path:
+        raise LocalDiffError("upload the image to transfer the edit to")
+    directions = Directions.load(dirs_path) if dirs_path else session.directions
+    if directions is None:
+        raise LocalDiffError("discover directions first, or upload a directions file")
+    directions.check_model(editor.model.fingerprint)
+    target = load_image(target_path, editor.model.resolution, name="transfer image")
+    return render(editor, session, values, image=target, directions=directions)
+
+
+def sweep_gif(editor: LocalEditor, session: Session, name: str, frames: int = 9) -> str:
+    """A GIF of direction ``name`` from -1 to +1 on the session's image; returns its path."""
+    image = _need_image(session)
+    if session.directions is None:
+        raise LocalDiffError("discover directions first")
+    d = session.directions.select(name or session.directions.local()[0].name)
+    out = editor.sweep(image, d, symmetric_strengths(STRENGTH_RANGE, frames))
+    path = session.folder() / f"sweep_{d.region}_{d.index}.gif"
+    save_gif(out, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------- the app
+def build_app(editor: LocalEditor):
+    """The Gradio Blocks app for ``editor`` (call ``.queue().launch()`` on it, or use :func:`serve`)."""
+    import gradio as gr
+
+    lock = threading.Lock()  # the editor's caches are shared; one request at a time uses them
+
+    def guarded(fn):
+        def run(*args):
+            try:
+                with lock:
+                    return fn(*args)
+            except LocalDiffError as exc:
+                raise gr.Error(str(exc)) from None
+            except Exception as exc:  # shown as one line in the page; the traceback goes to the server log
+                log.exception("web UI request failed")
+                raise gr.Error(f"internal error: {type(exc).__name__}: {exc}") from None
+        return run
+
+    with gr.Blocks(title="localdiff") as app:
+        state = gr.State(Session())
+        gr.Markdown("## localdiff — local edits with a diffusion model\n"
+                    f"Model `{editor.model.name}` ({editor.model.resolution} px, fingerprint "
+                    f"`{editor.model.fingerprint}`). 1) upload or sample an image, 2) choose regions, 3) discover, "
+                    "4) move the sliders.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.Image(type="filepath", label="upload an image", sources=["upload"], elem_id="upload",
+                                  height=256)
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                    sample_btn = gr.Button("sample from the model", elem_id="sample")
+                templates = gr.CheckboxGroup(template_names(), label="template regions", elem_id="templates")
+                with gr.Accordion("paint a region", open=False):
+                    painter = gr.ImageEditor(type="numpy", label="paint over the image", elem_id="painter",
+                                             brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
+                    region_name = gr.Textbox(label="region name", value="region1")
+                    add_btn = gr.Button("add painted region")
+                clear_btn = gr.Button("clear regions")
+            with gr.Column():
+                regions_view = gr.Image(label="regions", interactive=False, elem_id="regions", height=256)
+                with gr.Accordion("discovery options", open=False):
+                    timestep = gr.Slider(0.05, 1.0, value=DEFAULTS["timestep"], step=0.05, label="timestep (× T)")
+                    k = gr.Slider(1, 12, value=DEFAULTS["k"], step=1, label="k (singular vectors per region)")
+                    ind_rank = gr.Slider(1, 12, value=DEFAULTS["individual_rank"], step=1, label="local directions per region")
+                    joint = gr.Textbox(value="auto", label="joint rank (auto or a number)")
+                discover_btn = gr.Button("discover", variant="primary", elem_id="discover")
+        status = gr.Markdown("", elem_id="status")
+        sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0.0, step=0.05, visible=False,
+                             label=f"direction {i}", elem_id=f"dir{i}") for i in range(MAX_SLIDERS)]
+        with gr.Row():
+            original = gr.Image(label="original", interactive=False, elem_id="original")
+            edited = gr.Image(label="edited", interactive=False, elem_id="edited")
+            diff = gr.Image(label="|difference|", interactive=False, elem_id="diff")
+        with gr.Row():
+            sweep_name = gr.Dropdown([], label="direction for the sweep GIF", allow_custom_value=False)
+            sweep_btn = gr.Button("make sweep GIF")
+        downloads = gr.File(label="downloads (edited PNG, sweep GIF, directions)", file_count="multiple",
+                            interactive=False, elem_id="downloads")
+        with gr.Accordion("transfer to another image", open=False):
+            with gr.Row():
+                target = gr.Image(type="filepath", label="image to transfer to", sources=["upload"])
+                dirs_file = gr.File(label="directions file (optional: else the current ones)",
+                                    file_types=[".safetensors"], type="filepath")
+            transfer_btn = gr.Button("apply the sliders to this image")
+            with gr.Row():
+                t_original = gr.Image(label="original", interactive=False)
+                t_edited = gr.Image(label="edited", interactive=False)
+                t_diff = gr.Image(label="|difference|", interactive=False)
+
+        def files(session: Session) -> list[str]:
+            folder = session.folder()
+            return [str(p) for p in sorted(folder.iterdir()) if p.suffix in (".png", ".gif", ".safetensors")]
+
+        def on_image(fn):
+            def run(session, value):
+                view = fn(editor, session, value)
+                return session, view, view, *[gr.update(visible=False, value=0.0) for _ in sliders]
+            return guarded(run)
+
+        new_image_outputs = [state, regions_view, painter, *sliders]
+        upload.upload(on_image(load_upload), [state, upload], new_image_outputs)
+        sample_btn.click(on_image(sample_input), [state, seed], new_image_outputs)
+        templates.change(guarded(lambda s, names: (s, set_template_regions(editor, s, names))),
+                         [state, templates], [state, regions_view])
+        add_btn.click(guarded(lambda s, p, n: (s, add_painted_region(editor, s, p, n))),
+                      [state, painter, region_name], [state, regions_view])
+        clear_btn.click(guarded(lambda s: (s, clear_regions(editor, s))), [state], [state, regions_view])
+
+        def on_discover(session, t, kk, ir, jr, progress=gr.Progress(track_tqdm=True)):
+            names = discover(editor, session, t, kk, ir, jr)
+            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
+                   for i in range(MAX_SLIDERS)]
+            views = render(editor, session, [0.0] * len(names))
+            msg = (f"found {len(names)} local directions ({', '.join(names)}); joint rank "
+                   f"{session.directions.meta['joint_rank']}. Move a slider to edit.")
+            return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
+                    files(session))
+
+        discover_btn.click(guarded(on_discover), [state, timestep, k, ind_rank, joint],
+                           [state, status, *sliders, original, edited, diff, sweep_name, downloads])
+
+        def on_slide(session, *values):
+            return (session, *render(editor, session, values), files(session))
+
+        for s in sliders:
+            s.release(guarded(on_slide), [state, *sliders], [state, original, edited, diff, downloads])
+
+        sweep_btn.click(guarded(lambda s, n: (s, (sweep_gif(editor, s, n), files(s))[1])),
+                        [state, sweep_name], [state, downloads])
+        transfer_btn.click(guarded(lambda s, t, f, *v: (s, *transfer(editor, s, t, f, v))),
+                           [state, target, dirs_file, *sliders], [state, t_original, t_edited, t_diff])
+    return app
+
+
+def serve(editor: LocalEditor, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Queue requests (one at a time; up to 32 waiting) and serve the app until interrupted."""
+    app = build_app(editor)
+    app.queue(default_concurrency_limit=1, max_size=32)
+    app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, show_error=True)
+
+
+__all__ = ["Session", "build_app", "serve", "load_upload", "sample_input", "set_template_regions",
+           "add_painted_region", "discover", "render", "transfer", "sweep_gif"]

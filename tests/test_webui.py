@@ -1,0 +1,106 @@
+"""The web UI's handlers on a small test model (no browser), and per-session isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from localdiff.errors import LocalDiffError
+from localdiff.images import to_pil
+
+from conftest import texture
+
+webui = pytest.importorskip("localdiff.webui")
+pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def ui_editor(small_dir):
+    from localdiff import LocalEditor
+
+    return LocalEditor.from_pretrained(small_dir, num_steps=6)
+
+
+@pytest.fixture()
+def face(tmp_path):
+    path = tmp_path / "face.png"
+    to_pil(texture(16, seed=3)[0]).save(path)
+    return str(path)
+
+
+def painting(res: int, rows: slice, cols: slice) -> dict:
+    layer = np.zeros((res, res, 4), np.uint8)
+    layer[rows, cols] = (255, 0, 0, 255)
+    return {"background": None, "layers": [layer], "composite": None}
+
+
+def test_full_session(ui_editor, face):
+    s = webui.Session()
+    view = webui.load_upload(ui_editor, s, face)
+    assert isinstance(view, Image.Image) and s.image.shape == (1, 3, 16, 16)
+    webui.set_template_regions(ui_editor, s, ["eyes"])
+    webui.add_painted_region(ui_editor, s, painting(64, slice(40, 60), slice(10, 50)), "chin")
+    assert list(s.masks) == ["eyes", "chin"] and s.masks["chin"].any() and not s.masks["chin"].all()
+    names = webui.discover(ui_editor, s, 0.5, 2, 1, "auto")
+    assert names == ["eyes:0", "chin:0"]
+    assert (s.folder() / "directions.safetensors").is_file()
+    orig, edited0, _ = webui.render(ui_editor, s, [0.0, 0.0])
+    assert np.array_equal(np.asarray(orig.convert("RGB")).shape, np.asarray(edited0).shape)
+    _, edited, diff = webui.render(ui_editor, s, [0.8, 0.0])
+    assert np.abs(np.asarray(edited, float) - np.asarray(edited0, float)).mean() > 0.5  # the slider edits
+    assert np.asarray(diff).max() > 0
+    assert (s.folder() / "edited.png").is_file()
+    gif = webui.sweep_gif(ui_editor, s, "eyes:0", frames=3)
+    assert Image.open(gif).n_frames >= 3
+    # transfer: the current directions, then the saved file, to another image
+    other = s.folder() / "other.png"
+    to_pil(texture(16, seed=9)[0]).save(other)
+    _, t1, _ = webui.transfer(ui_editor, s, str(other), None, [0.8, 0.0])
+    _, t2, _ = webui.transfer(ui_editor, s, str(other), str(s.folder() / "directions.safetensors"), [0.8, 0.0])
+    assert np.array_equal(np.asarray(t1), np.asarray(t2))
+
+
+def test_sessions_are_independent(ui_editor, face):
+    a, b = webui.Session(), webui.Session()
+    webui.load_upload(ui_editor, a, face)
+    webui.sample_input(ui_editor, b, 1)
+    assert not torch.equal(a.image, b.image)
+    webui.set_template_regions(ui_editor, a, ["mouth"])
+    assert b.masks == {} and a.folder() != b.folder()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e, s: webui.discover(e, s, 0.5, 2, 1, "auto"), "upload an image"),
+    (lambda e, s: webui.render(e, s, [0.1]), "upload an image"),
+    (lambda e, s: webui.load_upload(e, s, None), "choose an image"),
+    (lambda e, s: webui.sample_input(e, s, -1), "seed"),
+])
+def test_bad_requests_give_one_line(ui_editor, call, message):
+    with pytest.raises(LocalDiffError, match=message) as err:
+        call(ui_editor, webui.Session())
+    assert "\n" not in str(err.value)
+
+
+def test_bad_requests_after_upload(ui_editor, face, tmp_path):
+    s = webui.Session()
+    webui.load_upload(ui_editor, s, face)
+    with pytest.raises(LocalDiffError, match="region"):
+        webui.discover(ui_editor, s, 0.5, 2, 1, "auto")
+    with pytest.raises(LocalDiffError, match="paint"):
+        webui.add_painted_region(ui_editor, s, {"layers": []}, "x")
+    with pytest.raises(LocalDiffError, match="not valid"):
+        webui.add_painted_region(ui_editor, s, painting(16, slice(2, 6), slice(2, 6)), "bad name!")
+    webui.set_template_regions(ui_editor, s, ["eyes"])
+    with pytest.raises(LocalDiffError, match="joint rank"):
+        webui.discover(ui_editor, s, 0.5, 2, 1, "lots")
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with pytest.raises(LocalDiffError):
+        webui.load_upload(ui_editor, s, str(notes))
+
+
+def test_app_builds(ui_editor):
+    app = webui.build_app(ui_editor)
+    assert app is not None
