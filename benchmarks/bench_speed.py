@@ -2,7 +2,7 @@
 """Speed of localdiff's subspace solve against peer-style implementations, at equal accuracy, in one run.
 
 All solvers compute the top-k right singular vectors of J = d(m * eps)/dh for one region (the mouth template)
-on a shipped example face at t = 0.5 T, on the embedded default model (or ``--model``):
+on a shipped example face at the default timestep (0.7 T), on the embedded default model (or ``--model``):
 
 * **localdiff**: block subspace iteration with Rayleigh-Ritz and oversampling, vmapped ``torch.func`` JVPs and
   one reusable VJP closure through the decoder only, principal-angle stopping test.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, timeit  # noqa: E402
 
 from localdiff.demo import DemoSettings, example_faces  # noqa: E402
-from localdiff.editor import LocalEditor  # noqa: E402
+from localdiff.editor import DEFAULTS, LocalEditor  # noqa: E402
 from localdiff.jacobian import ad_friendly_attention, decoder_operators, largest_principal_angle, subspace_iteration  # noqa: E402
 from localdiff.masks import load_mask, template_path  # noqa: E402
 from localdiff.model import default_model_path, load_model  # noqa: E402
@@ -49,7 +49,7 @@ def problem(editor: LocalEditor, image, region: str, timestep: float):
     with torch.no_grad():
         enc = model.encode(x, t)
     mask = load_mask(template_path(region), model.resolution, name=region).to(model.device, model.dtype)
-    return model, x, t, enc, mask
+    return x, t, enc, mask
 
 
 def ours(model, enc, mask, k, tol_deg, max_iter=50, oversample=3):
@@ -111,7 +111,7 @@ def haas_style(model, x, t, enc, mask, k, min_iter=10, max_iter=50, tol=1e-5, se
                 jv = torch.autograd.functional.jacobian(lambda a: f(h0 + a * v.view_as(h0)), torch.zeros((), dtype=h0.dtype),
                                                         vectorize=True, strategy="forward-mode")
                 h = h0.clone().requires_grad_(True)
-                (jtjv,) = torch.autograd.grad(f(h), h, grad_outputs=jv.view_as(h0))
+                (jtjv,) = torch.autograd.grad(f(h), h, grad_outputs=jv)
                 lam = float(jtjv.reshape(-1) @ v)
                 v = jtjv.reshape(-1)
                 v = v / v.norm()
@@ -143,8 +143,9 @@ def main(argv=None) -> None:
     faces = example_faces()
     image = editor.prepare(faces[0])
     k = args.k
-    print(environment(args.device), f"model {model.name} ({model.fingerprint}), k={k}, region mouth, t=0.5T")
-    model_, x, t, enc, mask = problem(editor, image, "mouth", 0.5)
+    ts = DEFAULTS["timestep"]
+    print(environment(args.device), f"model {model.name} ({model.fingerprint}), k={k}, region mouth, t={ts}T")
+    x, t, enc, mask = problem(editor, image, "mouth", ts)
     cuda = torch.device(args.device).type == "cuda"
 
     ref, ref_its = ours(model, enc, mask, k, tol_deg=0.01, max_iter=300)
@@ -177,8 +178,9 @@ def main(argv=None) -> None:
     print(f"decoder-pass limit for localdiff's {its} iterations: 2*k*iterations*decode = {limit:.2f} s; "
           f"localdiff / limit = {sec / limit:.2f}x (with oversampling {3}: block of {k + 3})")
 
-    # end to end: the demo's discovery (3 regions) + a 3 x 5 grid, and one transfer edit
-    from localdiff.viz import edit_grid
+    # end to end: the demo's discovery (3 regions) + a 3 x 5 grid (first direction of each region at 5 strengths),
+    # and one transfer edit
+    from localdiff.viz import symmetric_strengths
 
     s = DemoSettings()
     masks = {r: load_mask(template_path(r), model.resolution, name=r) for r in s.regions}
@@ -188,7 +190,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     dirs = fresh.discover(image, masks, **s.discover)
     t_disc = time.perf_counter() - t0
-    edit_grid(fresh, image, dirs, s.strength, s.columns)
+    strengths = symmetric_strengths(s.strength, s.columns)
+    fresh.render(image, [[(dirs[r][0], st)] for r in s.regions for st in strengths])
     t_grid = time.perf_counter() - t0
     other = fresh.prepare(faces[1])
     t0 = time.perf_counter()
