@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_sample_command(small_dir, tmp_path, capsys):
     assert code == 0, err
     grid = np.asarray(Image.open(out))
     assert grid.shape[0] == grid.shape[1] == 2 * 16 * 8  # 2x2 images of 16 px, shown 8x larger
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal new file, not mkstemp's private 0600
     assert grid.std() > 0
 
 
