@@ -92,9 +92,10 @@ def _score_rows(edited: Tensor, recon: Tensor, masks: Mapping[str, Tensor], edit
 
 
 def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], settings: EvalSettings,
-                        base: dict) -> tuple[list[dict], list[dict], Tensor]:
+                        base: dict, *, refine: int = 2) -> tuple[list[dict], list[dict], Tensor]:
     """Score one method's directions on one image: a strength ladder (the curve), then every region at the strength
-    that matches ``settings.target_change``. Returns ``(curve rows, matched rows, matched edits (B, C, R, R))``."""
+    that matches ``settings.target_change`` (interpolated; up to ``refine`` more renders when the change misses the
+    target by over 10 %). Returns ``(curve rows, matched rows, matched edits (B, C, R, R))``."""
     from localdiff import baselines
 
     recon = editor.invert(image).reconstruction[0]
@@ -103,16 +104,20 @@ def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], 
     ladder = [(r, top * f) for r in regions for f in settings.ladder]
     out = baselines.render(editor, image, md, ladder, schedule=settings.schedule)
     curve = _score_rows(out, recon, masks, ladder, dict(base, kind="curve"))
-    matched_edits = []
-    for r in regions:
-        pts = [row for row in curve if row["region"] == r]
-        s, reached = interpolate_strength([p["strength"] for p in pts], [p["inside_change"] for p in pts],
-                                          settings.target_change)
-        matched_edits.append((r, s, reached))
-    out = baselines.render(editor, image, md, [(r, s) for r, s, _ in matched_edits], schedule=settings.schedule)
-    matched = _score_rows(out, recon, masks, [(r, s) for r, s, _ in matched_edits], dict(base, kind="matched"))
-    for row, (_, _, reached) in zip(matched, matched_edits):
-        row["reached"] = reached
+    points = {r: [(row["strength"], row["inside_change"]) for row in curve if row["region"] == r] for r in regions}
+    for _ in range(1 + refine):
+        plan = [(r, *interpolate_strength([p[0] for p in points[r]], [p[1] for p in points[r]],
+                                          settings.target_change)) for r in regions]
+        edits = [(r, s) for r, s, _ in plan]
+        out = baselines.render(editor, image, md, edits, schedule=settings.schedule)
+        matched = _score_rows(out, recon, masks, edits, dict(base, kind="matched"))
+        off = False
+        for row, (r, s, reached) in zip(matched, plan):
+            row["reached"] = reached
+            points[r].append((s, row["inside_change"]))  # refine the interpolation with the new point
+            off |= reached and abs(row["inside_change"] - settings.target_change) > 0.1 * settings.target_change
+        if not off:
+            break
     return curve, matched, out
 
 
