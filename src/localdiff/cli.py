@@ -303,14 +303,20 @@ def cmd_sample(args) -> None:
     log.info("wrote %s (%d images)", out, args.n)
 
 
+def _check_out_dir(path: str, probe: str) -> Path:
+    """``--out-dir``: not a file; the folder itself, or the one it will be made in, exists and is writable (checked
+    with the name of one of the outputs, ``probe``) -- before any work starts."""
+    out_dir = Path(path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
+    check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / probe, (Path(probe).suffix,), "--out-dir")
+    return out_dir
+
+
 def cmd_demo(args) -> None:
     from localdiff.demo import run_demo
 
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
-    # the folder itself, or the one it will be made in, must exist and be writable
-    check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / "grid.png", (".png",), "--out-dir")
+    out_dir = _check_out_dir(args.out_dir, "grid.png")
     editor = _editor(args, args.steps)
     run_demo(editor, out_dir)
 
@@ -325,7 +331,7 @@ def _eval_images(args, resolution: int) -> list[tuple[str, torch.Tensor]]:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if len(files) < 2:
             raise LocalDiffError(f"--images {folder} holds {len(files)} PNG/JPEG images; evaluation needs at least 2")
-        limit = args.faces or (2 if args.quick else len(files))
+        limit = 2 if args.quick else len(files)  # --faces and --images exclude each other
         return [(f.name, load_image(f, resolution, name=f.name)) for f in files[:limit]]
     from localdiff.facegan import FaceGAN, eval_seeds
 
@@ -341,10 +347,7 @@ def _eval_images(args, resolution: int) -> list[tuple[str, torch.Tensor]]:
 def cmd_eval(args) -> None:
     from localdiff.evaluation import EvalSettings, run_evaluation, write_report
 
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LocalDiffError(f"--out-dir {out_dir} exists and is not a folder")
-    check_output_path((out_dir if out_dir.is_dir() else out_dir.parent) / "summary.md", (".md",), "--out-dir")
+    out_dir = _check_out_dir(args.out_dir, "summary.md")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from localdiff.editor import LocalEditor
+from localdiff.editor import FAST_DISCOVERY, LocalEditor
 from localdiff.evaluation import EditScore, mean_std, score_edit
 from localdiff.images import save_image, to_pil
 from localdiff.masks import load_mask, template_path
@@ -35,8 +35,7 @@ class DemoSettings:
     num_steps: int = 20  # the CLI's default --steps for the demo
     columns: int = 5  # strengths in the grid, which are also the sweep frames
     transfer_faces: int = 3
-    discover: dict = field(default_factory=lambda: dict(k=4, oversample=2, individual_rank=2, tol_deg=0.2,
-                                                        max_iter=15))  # overrides for LocalEditor.discover
+    discover: dict = field(default_factory=lambda: dict(FAST_DISCOVERY))  # overrides for LocalEditor.discover
 
 
 def example_faces() -> list[Path]:

@@ -9,7 +9,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from localdiff import metrics
+from localdiff import baselines, metrics
+from localdiff.baselines import METHODS
+from localdiff.editor import DEFAULTS, FAST_DISCOVERY
 
 
 @dataclass
@@ -52,15 +54,14 @@ TOP_STRENGTH = {"h": 1.0, "x": 0.25}  # h: fraction of |h|; x: fraction of |x_t|
 class EvalSettings:
     """What ``localdiff eval`` runs (see docs/evaluation.md)."""
 
-    methods: tuple[str, ...] = ("jive", "masked", "nullspace", "loco", "pca", "pullback")
+    methods: tuple[str, ...] = METHODS
     regions: tuple[str, ...] = ("eyes", "nose", "mouth")
     target_change: float = 0.08  # matched visibility: mean |change| inside the region, images in [0, 1]
     ladder: tuple[float, ...] = LADDER
     schedule: str = "all"  # h-space edit schedule (x-space methods edit once, at their timestep)
     transfer: bool = True
     pca_samples: int = 256
-    discover: dict = field(default_factory=lambda: dict(k=4, oversample=2, individual_rank=2, max_iter=15,
-                                                        tol_deg=0.2))
+    discover: dict = field(default_factory=lambda: dict(FAST_DISCOVERY))
 
 
 def interpolate_strength(strengths: Sequence[float], changes: Sequence[float], target: float) -> tuple[float, bool]:
@@ -96,8 +97,6 @@ def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], 
     """Score one method's directions on one image: a strength ladder (the curve), then every region at the strength
     that matches ``settings.target_change`` (interpolated; up to ``refine`` more renders when the change misses the
     target by over 10 %). Returns ``(curve rows, matched rows, matched edits (B, C, R, R))``."""
-    from localdiff import baselines
-
     recon = editor.invert(image).reconstruction[0]
     top = TOP_STRENGTH[md.space]
     regions = [r for r in settings.regions if r in md.vectors]
@@ -145,15 +144,12 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
 
     from tqdm.auto import tqdm
 
-    from localdiff import baselines
     from localdiff.baselines.hspace import fit_hspace_pca
 
     unknown = [m for m in settings.methods if m not in baselines.METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(baselines.METHODS)}")
     lp, lpips_note = lpips_status()
-    from localdiff.editor import DEFAULTS
-
     extra: dict = {}
     if "pca" in settings.methods:
         extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DEFAULTS["timestep"]),
@@ -170,20 +166,17 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
             t0 = time.perf_counter()
             md = baselines.discover(method, editor, image, masks, **settings.discover, **extra)
             timings[method].append(time.perf_counter() - t0)
-            base = dict(face=name, method=method, setting="source", source=name)
-            curve, matched, out = evaluate_directions(editor, image, md, masks, settings, base)
-            if lp is not None:
-                _add_lpips(lp, matched, out, recon)
-            rows += curve + matched
-            if i == 0:
-                panel[method] = out
+            runs = [("source", name, md)]
             if settings.transfer and method in previous:
-                src, src_md = previous[method]
-                base = dict(face=name, method=method, setting="transfer", source=src)
-                curve, matched, out = evaluate_directions(editor, image, src_md, masks, settings, base)
+                runs.append(("transfer", *previous[method]))
+            for setting, src, directions in runs:
+                base = dict(face=name, method=method, setting=setting, source=src)
+                curve, matched, out = evaluate_directions(editor, image, directions, masks, settings, base)
                 if lp is not None:
                     _add_lpips(lp, matched, out, recon)
                 rows += curve + matched
+                if i == 0 and setting == "source":
+                    panel[method] = out
             previous[method] = (name, md)
             bar.update(1)
     bar.close()

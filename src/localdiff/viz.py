@@ -93,14 +93,20 @@ def edit_grid(editor, image, dirs, strength: float, n: int = 5) -> tuple[Image.I
     return direction_grid(rows, strengths), frames
 
 
+def enlarge(img: Image.Image) -> Image.Image:
+    """A square image upscaled (nearest) by :func:`display_scale`, for display."""
+    cell = img.size[0] * display_scale(img.size[0])
+    return img.resize((cell, cell), Image.Resampling.NEAREST)
+
+
 def tile(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Equal-sized PIL images in rows of ``columns``, upscaled (nearest) for display."""
-    res = images[0].size[0]
-    cell = res * display_scale(res)
-    rows = -(-len(images) // columns)
+    """Equal-sized square PIL images in rows of ``columns``, upscaled for display."""
+    cells = [enlarge(im) for im in images]
+    cell = cells[0].size[0]
+    rows = -(-len(cells) // columns)
     out = Image.new("RGB", (columns * cell, rows * cell), "white")
-    for i, im in enumerate(images):
-        out.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % columns) * cell, (i // columns) * cell))
+    for i, im in enumerate(cells):
+        out.paste(im, ((i % columns) * cell, (i // columns) * cell))
     return out
 
 
@@ -112,9 +118,7 @@ def strip(images: Tensor, mask: Tensor | None = None) -> Image.Image:
 
 def save_gif(images: Tensor, path: str | Path, *, duration_ms: int = 120, bounce: bool = True) -> None:
     """Animated GIF of a sweep (B, C, R, R) in [-1, 1]; ``bounce`` plays it forwards then backwards."""
-    res = images.shape[-1]
-    cell = res * display_scale(res)
-    frames = [im.resize((cell, cell), Image.Resampling.NEAREST) for im in to_pil(images)]
+    frames = [enlarge(im) for im in to_pil(images)]
     if bounce and len(frames) > 2:
         frames = frames + frames[-2:0:-1]
     with atomic_write(path) as tmp:

@@ -25,7 +25,7 @@ from localdiff.errors import LocalDiffError
 from localdiff.images import load_image, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_names, template_path
 from localdiff.sampling import generate, make_schedule
-from localdiff.viz import display_scale, heatmap, save_gif, symmetric_strengths
+from localdiff.viz import enlarge, heatmap, save_gif, symmetric_strengths
 
 log = logging.getLogger("localdiff")
 
@@ -45,6 +45,12 @@ class Session:
     directions: Directions | None = None
     workdir: Path | None = None
 
+    def reset(self, image: Tensor | None = None) -> None:
+        """Drop the regions and directions, and take ``image`` as the new input if given."""
+        if image is not None:
+            self.image = image
+        self.masks, self.directions = {}, None
+
     def folder(self) -> Path:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="localdiff-ui-"))
@@ -58,18 +64,13 @@ def _need_image(session: Session) -> Tensor:
     return session.image
 
 
-def _big(img: Image.Image) -> Image.Image:
-    s = display_scale(img.size[0])
-    return img.resize((img.size[0] * s, img.size[1] * s), Image.Resampling.NEAREST)
-
-
 def overlay(image: Tensor, masks: dict[str, Tensor]) -> Image.Image:
     """The image with each region tinted in its own colour (for display)."""
     arr = np.asarray(to_pil(image[0])).astype(np.float32)
     for i, m in enumerate(masks.values()):
         sel = m.cpu().numpy().astype(bool)
         arr[sel] = 0.55 * arr[sel] + 0.45 * np.array(COLORS[i % len(COLORS)], np.float32)
-    return _big(Image.fromarray(arr.clip(0, 255).astype(np.uint8)))
+    return enlarge(Image.fromarray(arr.clip(0, 255).astype(np.uint8)))
 
 
 def load_upload(editor: LocalEditor, session: Session, path: str | None) -> Image.Image:
@@ -79,8 +80,7 @@ def load_upload(editor: LocalEditor, session: Session, path: str | None) -> Imag
     im = open_image(path, "the uploaded file")  # one-line error for anything PIL cannot read
     if im.size[0] * im.size[1] > MAX_PIXELS:
         raise LocalDiffError(f"the image is {im.size[0]}x{im.size[1]} pixels; the limit is 4096x4096")
-    session.image = load_image(im, editor.model.resolution, name="upload")
-    session.masks, session.directions = {}, None
+    session.reset(load_image(im, editor.model.resolution, name="upload"))
     return overlay(session.image, {})
 
 
@@ -89,8 +89,7 @@ def sample_input(editor: LocalEditor, session: Session, seed: float) -> Image.Im
     seed = int(seed)
     if seed < 0:
         raise LocalDiffError(f"the seed must be 0 or more, got {seed}")
-    session.image = generate(editor.model, 1, make_schedule(editor.model, editor.num_steps), seed=seed)
-    session.masks, session.directions = {}, None
+    session.reset(generate(editor.model, 1, make_schedule(editor.model, editor.num_steps), seed=seed))
     return overlay(session.image, {})
 
 
@@ -122,8 +121,9 @@ def add_painted_region(editor: LocalEditor, session: Session, painting: dict | N
 
 
 def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
-    session.masks, session.directions = {}, None
-    return overlay(_need_image(session), {})
+    image = _need_image(session)
+    session.reset()
+    return overlay(image, {})
 
 
 def discover(editor: LocalEditor, session: Session, timestep: float, k: int, individual_rank: int,
@@ -163,7 +163,7 @@ def render(editor: LocalEditor, session: Session, values, *, image: Tensor | Non
     edited = editor.render(image, [edits], allow_foreign=False)[0] if edits else inv.reconstruction[0]
     save_image(to_pil(edited), session.folder() / "edited.png")
     diff = (edited.float().clamp(-1, 1) - inv.reconstruction[0].float().clamp(-1, 1)) / 2
-    return _big(to_pil(image[0])), _big(to_pil(edited)), _big(heatmap(diff, vmax=0.25))
+    return enlarge(to_pil(image[0])), enlarge(to_pil(edited)), enlarge(heatmap(diff, vmax=0.25))
 
 
 def transfer(editor: LocalEditor, session: Session, target_path: str | None, dirs_path: str | None, values):

@@ -17,20 +17,24 @@ from localdiff.images import ImageLike
 from localdiff.jacobian import decoder_operators, fix_signs, subspace_iteration
 
 
-def _x0_operators(editor: LocalEditor, image: ImageLike, timestep: float):
-    """JVP/VJP of the posterior-mean predictor x_t -> x0_hat(x_t) at ``timestep`` of ``image``'s trajectory."""
+def _latent_at(editor: LocalEditor, image: ImageLike, timestep: float):
+    """``(x_t, t, alpha-bar)`` of ``image``'s cached unedited trajectory at ``timestep``."""
     inv = editor.invert(image)
-    model = editor.model
     step = inv.schedule.index_of(timestep)
-    t = inv.schedule.timesteps[step]
-    a = float(inv.schedule.alpha[step])
-    x_t = inv.xs[step]
+    return inv.xs[step], inv.schedule.timesteps[step], float(inv.schedule.alpha[step])
+
+
+def _x0_operators(editor: LocalEditor, image: ImageLike, timestep: float):
+    """JVP/VJP of the posterior-mean predictor x_t -> x0_hat(x_t) at ``timestep`` of ``image``'s trajectory.
+    Returns ``(jvp, vjp, x0_hat(x_t), x_t)``."""
+    model = editor.model
+    x_t, t, a = _latent_at(editor, image, timestep)
 
     def x0_hat(x: Tensor) -> Tensor:
         return (x - (1 - a) ** 0.5 * model.eps(x, t)) / a**0.5
 
     jvp, vjp, out = decoder_operators(x0_hat, x_t)
-    return jvp, vjp, out, x_t, step
+    return jvp, vjp, out, x_t
 
 
 def _pixel_masks(masks: list[Tensor], channels: int, like: Tensor) -> Tensor:
@@ -46,7 +50,7 @@ def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor]
     faces), projected off the top-``null_rank`` ones of d((1 - m) * x0_hat)/dx_t; applied once at ``timestep``."""
     model = editor.model
     names = list(masks)
-    jvp, vjp, out, x_t, _ = _x0_operators(editor, image, timestep)
+    jvp, vjp, out, x_t = _x0_operators(editor, image, timestep)
     pixel = _pixel_masks([masks[n].float() for n in names] + [1 - masks[n].float() for n in names],
                          out.shape[1], out)
     res = subspace_iteration(jvp, vjp, x_t[0].numel(), pixel, max(k, null_rank), oversample=oversample,
@@ -64,17 +68,14 @@ def pullback(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor],
     """Park et al.: the top-``k`` right singular vectors of the encoder Jacobian dh/dx_t at ``timestep`` (a global,
     per-image basis of x_t); for each region the one whose x0_hat response is most concentrated in it."""
     model = editor.model
-    inv = editor.invert(image)
-    step = inv.schedule.index_of(timestep)
-    t = inv.schedule.timesteps[step]
-    x_t = inv.xs[step]
+    x_t, t, _ = _latent_at(editor, image, timestep)
     jvp, vjp, out = decoder_operators(lambda x: model.encode(x, t).h, x_t)
     ones = torch.ones(1, out[0].numel(), device=model.device, dtype=model.dtype)
     res = subspace_iteration(jvp, vjp, x_t[0].numel(), ones, k, oversample=oversample, max_iter=max_iter,
                              tol_deg=tol_deg, seed=seed, dtype=model.dtype, device=model.device,
                              progress=editor.progress)
     basis = fix_signs(res.vectors[0])
-    x0_jvp, _, x0_out, _, _ = _x0_operators(editor, image, timestep)
+    x0_jvp, _, x0_out, _ = _x0_operators(editor, image, timestep)
     responses = x0_jvp(basis).reshape(len(basis), *x0_out.shape[1:])
     pick = most_local(responses, masks)
     vectors = {r: picked_first(basis, i).cpu() for r, i in pick.items()}
