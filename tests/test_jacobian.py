@@ -14,6 +14,7 @@ from localdiff.jacobian import (
     largest_principal_angle,
     orthonormal_rows,
     principal_angles,
+    remaining_angle,
     subspace_iteration,
 )
 
@@ -52,6 +53,29 @@ def test_converges_on_clear_spectral_gap():
     assert res.iterations[0] < 20
     assert largest_principal_angle(v.T[:3], res.vectors[0]) < 1e-2
     assert torch.allclose(res.sigma[0], s[:3], rtol=1e-6)
+
+
+def test_remaining_angle_of_a_geometric_sequence():
+    theta = [10.0 * 0.8**n for n in range(12)]  # true angles to the limit
+    moves = [a - b for a, b in zip(theta, theta[1:])]
+    assert remaining_angle(moves[5], moves[4]) == pytest.approx(theta[6], rel=1e-9)
+    assert remaining_angle(1.0, 1.0) == math.inf and remaining_angle(1.0, None) == math.inf
+
+
+def test_stopping_test_bounds_the_true_error_on_a_flat_spectrum():
+    """Slow convergence (sigma_7 / sigma_3 = 0.9): the last move underestimates the error left, the estimate does not."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([1.0, 0.99, 0.98] + [0.9 * 0.99**i for i in range(57)], dtype=torch.float64)
+    jvp, vjp = matrix_operators((u[:, :60] * s) @ v.T)
+    res = subspace_iteration(jvp, vjp, 60, torch.ones(1, 80), 3, oversample=3, max_iter=500, tol_deg=0.5,
+                             dtype=torch.float64)
+    true = largest_principal_angle(v.T[:3], res.vectors[0])
+    assert res.converged == [True]
+    assert res.last_angle_deg[0] < 0.5 * true  # stopping on the move alone would have stopped far too early
+    assert true < 0.6  # the estimate is an estimate: within 20 % of the tolerance
+    assert res.error_deg[0] == pytest.approx(true, rel=0.3)
 
 
 def test_masked_regions_in_one_batch_match_explicit_svd():

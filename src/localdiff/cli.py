@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
                    help=f"h-space edit schedule (default: {DEFAULTS['schedule']})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer evaluation")
+    p.epilog = ("Finished faces are recorded in OUT_DIR/progress/ as the run goes: run the same command again after "
+                "an interruption and it goes on from there.")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 faces, 10 steps, short iterations, 3 strengths (numbers are not meaningful)")
     _model_options(p, None, f"{DemoSettings.num_steps}; --quick: 10")
@@ -345,7 +347,7 @@ def _eval_images(args, resolution: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def cmd_eval(args) -> None:
-    from localdiff.evaluation import EvalSettings, run_evaluation, write_report
+    from localdiff.evaluation import EvalSettings, Progress, progress_key, run_evaluation, write_report
 
     out_dir = _check_out_dir(args.out_dir, "summary.md")
     try:
@@ -368,13 +370,17 @@ def cmd_eval(args) -> None:
         settings.ladder = (0.125, 0.5, 1.0)
         settings.pca_samples = 16
         settings.discover = dict(k=2, oversample=2, individual_rank=1, null_rank=2, max_iter=4, tol_deg=1.0)
-    result = run_evaluation(editor, faces, masks, settings, progress=not args.quiet)
+    progress = Progress(out_dir / "progress", progress_key(settings, editor.model, steps, masks))
+    if progress.started:
+        log.info("going on with the unfinished evaluation in %s", progress.folder)
+    result = run_evaluation(editor, faces, masks, settings, progress=not args.quiet, resume=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "localdiff " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("localdiff") else "localdiff eval ..."
     header = [f"# localdiff eval: {editor.model.name} (fingerprint {editor.model.fingerprint}), {steps} DDIM steps",
               "", f"Command: `{command}`", ""]
     recon = editor.invert(faces[0][1]).reconstruction
     lines = write_report(result, settings, masks, recon, out_dir, header=header)
+    progress.remove()  # finished: the report holds everything
     print("\n".join(lines))
     log.info("wrote %s", ", ".join(str(out_dir / f) for f in ("results.csv", "summary.md", "curves.png", "panel.png")))
 

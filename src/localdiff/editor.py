@@ -51,8 +51,9 @@ DEFAULTS = dict(
     schedule="all",
 )
 
-# Lighter discovery for the demo and the evaluation (k = 4 + 2, looser tolerance): about half the Jacobian work.
-FAST_DISCOVERY = dict(k=4, oversample=2, individual_rank=2, tol_deg=0.2, max_iter=15)
+# Lighter discovery for the demo and the evaluation: k = 3 + 3 (a block of 6; k = 4 + 2 needs twice the iterations
+# on the default model) to an estimated 0.5 deg of the converged subspaces. About a third of the default's work.
+FAST_DISCOVERY = dict(k=3, oversample=3, individual_rank=2, tol_deg=0.5, max_iter=15)
 
 Edit = tuple[Direction, float]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -134,12 +135,122 @@ def lpips_status() -> tuple[object | None, str]:
     return net, "LPIPS (AlexNet), lower is closer"
 
 
+class Progress:
+    """A long evaluation's progress in a folder, so that an interrupted run can go on where it stopped.
+
+    ``state.json`` holds what the run measures (settings, model, steps, masks); ``rows.jsonl`` one line of scored
+    rows and discovery timings per finished face; ``panel.safetensors`` face 0's matched edits (for panel.png);
+    ``previous.safetensors`` the last finished face's directions (for the next face's transfer; rediscovered when
+    missing). All plain data, no pickle."""
+
+    def __init__(self, folder, key: dict):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.key = key
+
+    @property
+    def started(self) -> bool:
+        return (self.folder / "state.json").is_file()
+
+    def load(self, faces: Sequence[str]) -> tuple[list[str], list[dict], dict[str, list[float]], dict[str, Tensor]]:
+        """``(finished faces, rows, timings, panel)``; raises :class:`LocalDiffError` when the folder holds another
+        run."""
+        from safetensors.torch import load_file
+
+        from localdiff.errors import LocalDiffError
+
+        state = json.loads((self.folder / "state.json").read_text())
+        if state.get("key") != self.key:
+            changed = sorted(k for k in set(self.key) | set(state.get("key", {}))
+                             if self.key.get(k) != state.get("key", {}).get(k))
+            raise LocalDiffError(f"{self.folder} holds an evaluation with other settings ({', '.join(changed)}); "
+                                 f"use another --out-dir, or delete {self.folder} to start over")
+        done: list[str] = []
+        rows: list[dict] = []
+        timings: dict[str, list[float]] = {}
+        with open(self.folder / "rows.jsonl") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash: that face is done again
+                    break
+                done.append(entry["face"])
+                rows += entry["rows"]
+                for m, t in entry["timings"].items():
+                    timings.setdefault(m, []).append(t)
+        if done != list(faces[:len(done)]):
+            raise LocalDiffError(f"{self.folder} holds an evaluation of other faces ({', '.join(done[:3])}, ...); "
+                                 f"use another --out-dir, or delete {self.folder} to start over")
+        panel_file = self.folder / "panel.safetensors"
+        panel = load_file(str(panel_file)) if done and panel_file.is_file() else {}
+        return done, rows, timings, panel
+
+    def save_face(self, face: str, rows: list[dict], timings: dict[str, float], directions: dict,
+                  panel: dict[str, Tensor] | None = None) -> None:
+        """Record one finished face; its rows go in last, so a crash never leaves a half-recorded face."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from localdiff.images import atomic_write
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.started:
+            (self.folder / "rows.jsonl").write_text("")
+            with atomic_write(self.folder / "state.json") as tmp:
+                Path(tmp).write_text(json.dumps(dict(key=self.key), indent=1) + "\n")
+        if panel:
+            with atomic_write(self.folder / "panel.safetensors") as tmp:
+                save_file({m: t.contiguous().cpu() for m, t in panel.items()}, str(tmp))
+        with atomic_write(self.folder / "previous.safetensors") as tmp:
+            save_method_directions(directions, face, tmp)
+        with open(self.folder / "rows.jsonl", "a") as f:
+            f.write(json.dumps(dict(face=face, rows=rows, timings=timings)) + "\n")
+
+    def previous(self, face: str) -> dict | None:
+        """The directions saved with ``face``, if the folder still has them."""
+        path = self.folder / "previous.safetensors"
+        return load_method_directions(path, face) if path.is_file() else None
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=False)
+
+
+def save_method_directions(directions: dict, face: str, path) -> None:
+    """Every method's directions of one face into one safetensors file (vectors as tensors, the rest as JSON)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{m}/{r}": v.contiguous().cpu() for m, md in directions.items() for r, v in md.vectors.items()}
+    meta = {m: dict(space=md.space, timestep=md.timestep, unit=md.unit, fingerprint=md.fingerprint, info=md.info,
+                    regions=list(md.vectors)) for m, md in directions.items()}
+    save_file(tensors, str(path), metadata=dict(face=face, methods=json.dumps(meta)))
+
+
+def load_method_directions(path, face: str) -> dict | None:
+    """What :func:`save_method_directions` wrote, if it was written for ``face``; else ``None``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("face") != face:
+            return None
+        methods = json.loads(meta["methods"])
+        return {m: baselines.MethodDirections(m, d["space"], {r: f.get_tensor(f"{m}/{r}") for r in d["regions"]},
+                                              d["timestep"], d["unit"], d["fingerprint"], d["info"])
+                for m, d in methods.items()}
+
+
 def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[str, Tensor],
-                   settings: EvalSettings, *, progress: bool = True) -> dict:
+                   settings: EvalSettings, *, progress: bool = True, resume: Progress | None = None) -> dict:
     """Every method on every face: discover, score on the same face (curve + matched visibility) and, when
     ``settings.transfer``, score the previous face's directions on this one. Returns a dict with ``rows`` (one per
-    scored edit), ``panel`` (face 0's matched edits per method), ``timings`` (discovery seconds per method) and
-    ``lpips`` (the availability note)."""
+    scored edit), ``panel`` (face 0's matched edits per method), ``timings``
+    (discovery seconds per method) and ``lpips`` (the availability note).
+
+    With ``resume``, every finished face is recorded there and faces it already holds are skipped."""
     import time
 
     from tqdm.auto import tqdm
@@ -150,22 +261,36 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(baselines.METHODS)}")
     lp, lpips_note = lpips_status()
+    names = [n for n, _ in faces]
+    done, rows, timings, panel = resume.load(names) if resume is not None and resume.started else ([], [], {}, {})
+    for m in settings.methods:
+        timings.setdefault(m, [])
     extra: dict = {}
-    if "pca" in settings.methods:
+    if "pca" in settings.methods and len(done) < len(faces):
         extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DEFAULTS["timestep"]),
                                              n_samples=settings.pca_samples)
-    rows: list[dict] = []
-    panel: dict[str, Tensor] = {}
-    timings: dict[str, list[float]] = {m: [] for m in settings.methods}
     previous: dict[str, tuple[str, object]] = {}
-    bar = tqdm(total=len(faces) * len(settings.methods), desc="evaluate", disable=not progress)
+    if done and settings.transfer:
+        i = len(done) - 1
+        saved = resume.previous(names[i])
+        if saved is None:  # rediscover the last finished face's directions for the next face's transfer
+            saved = {m: baselines.discover(m, editor, faces[i][1], masks, **settings.discover, **extra)
+                     for m in settings.methods}
+        previous = {m: (names[i], md) for m, md in saved.items()}
+    bar = tqdm(total=len(faces) * len(settings.methods), initial=len(done) * len(settings.methods), desc="evaluate",
+               disable=not progress)
     for i, (name, image) in enumerate(faces):
+        if i < len(done):
+            continue
         recon = editor.invert(image).reconstruction
+        face_rows: list[dict] = []
+        face_times: dict[str, float] = {}
+        found: dict[str, object] = {}
         for method in settings.methods:
             bar.set_postfix(face=name, method=method)
             t0 = time.perf_counter()
             md = baselines.discover(method, editor, image, masks, **settings.discover, **extra)
-            timings[method].append(time.perf_counter() - t0)
+            face_times[method] = time.perf_counter() - t0
             runs = [("source", name, md)]
             if settings.transfer and method in previous:
                 runs.append(("transfer", *previous[method]))
@@ -174,13 +299,31 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
                 curve, matched, out = evaluate_directions(editor, image, directions, masks, settings, base)
                 if lp is not None:
                     _add_lpips(lp, matched, out, recon)
-                rows += curve + matched
+                face_rows += curve + matched
                 if i == 0 and setting == "source":
                     panel[method] = out
-            previous[method] = (name, md)
+            found[method] = md
             bar.update(1)
+        previous = {m: (name, md) for m, md in found.items()}
+        rows += face_rows
+        for m, t in face_times.items():
+            timings[m].append(t)
+        if resume is not None:
+            resume.save_face(name, face_rows, face_times, found, panel if i == 0 else None)
     bar.close()
     return dict(rows=rows, panel=panel, timings=timings, lpips=lpips_note)
+
+
+def progress_key(settings: EvalSettings, model, num_steps: int, masks: Mapping[str, Tensor]) -> dict:
+    """What must match for a resumed evaluation to go on with the rows of an earlier run."""
+    from dataclasses import asdict
+
+    from localdiff import __version__
+    from localdiff.images import tensor_hash
+
+    key = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+    return dict(key, model=model.fingerprint, num_steps=num_steps, localdiff=__version__,
+                masks={n: tensor_hash(m.float()) for n, m in masks.items()})
 
 
 def _add_lpips(net, rows: list[dict], edited: Tensor, recon: Tensor) -> None:
@@ -282,6 +425,7 @@ def write_report(result: dict, settings: EvalSettings, masks: Mapping[str, Tenso
             points.setdefault(m, []).append(tuple(mean_std([r[k] for r in sel])[0]
                                                   for k in ("inside_change", "locality", "outside_psnr")))
     curves_figure(points, settings.target_change, out / "curves.png")
-    panel_masks = {r: masks[r] for r in settings.regions}
-    save_image(method_panel(reconstruction[0], result["panel"], panel_masks), out / "panel.png")
+    if result["panel"]:
+        panel_masks = {r: masks[r] for r in settings.regions}
+        save_image(method_panel(reconstruction[0], result["panel"], panel_masks), out / "panel.png")
     return lines

@@ -63,15 +63,16 @@ def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor]
 
 
 def pullback(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *, timestep: float = 0.6,
-             k: int = 6, oversample: int = DEFAULTS["oversample"], max_iter: int = 20,
+             basis_size: int = 6, oversample: int = DEFAULTS["oversample"], max_iter: int = 20,
              tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
-    """Park et al.: the top-``k`` right singular vectors of the encoder Jacobian dh/dx_t at ``timestep`` (a global,
-    per-image basis of x_t); for each region the one whose x0_hat response is most concentrated in it."""
+    """Park et al.: the top-``basis_size`` right singular vectors of the encoder Jacobian dh/dx_t at ``timestep``
+    (a global, per-image basis of x_t); for each region the one whose x0_hat response is most concentrated in it.
+    (The regions' ``k`` does not apply: a global basis is as wide as it is, whatever the regions ask for.)"""
     model = editor.model
     x_t, t, _ = _latent_at(editor, image, timestep)
     jvp, vjp, out = decoder_operators(lambda x: model.encode(x, t).h, x_t)
     ones = torch.ones(1, out[0].numel(), device=model.device, dtype=model.dtype)
-    res = subspace_iteration(jvp, vjp, x_t[0].numel(), ones, k, oversample=oversample, max_iter=max_iter,
+    res = subspace_iteration(jvp, vjp, x_t[0].numel(), ones, basis_size, oversample=oversample, max_iter=max_iter,
                              tol_deg=tol_deg, seed=seed, dtype=model.dtype, device=model.device,
                              progress=editor.progress)
     basis = fix_signs(res.vectors[0])
