@@ -160,10 +160,10 @@ class LocalEditor:
         res, enc, step = self.region_subspaces(image, [region_masks[n] for n in names], timestep=timestep, k=k,
                                                oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg,
                                                chunk_size=chunk_size)
-        for n, conv, its, ang in zip(names, res.converged, res.iterations, res.last_angle_deg):
+        for n, conv, its, err in zip(names, res.converged, res.iterations, res.error_deg):
             if not conv:
-                log.warning("region %s: subspace iteration stopped at %d iterations (last move %.3g deg > %.3g)",
-                            n, its, ang, tol_deg)
+                log.warning("region %s: subspace iteration stopped at max_iter=%d, an estimated %.3g deg from "
+                            "convergence (tol_deg %.3g); raise max_iter for a tighter subspace", n, its, err, tol_deg)
         model = self.model
         t = inv.schedule.timesteps[step]
         blocks = [res.sigma[i, :, None] * res.vectors[i] for i in range(len(names))]
