@@ -286,6 +286,7 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
         face_rows: list[dict] = []
         face_times: dict[str, float] = {}
         found: dict[str, object] = {}
+        scored: dict[tuple, tuple] = {}
         for method in settings.methods:
             bar.set_postfix(face=name, method=method)
             t0 = time.perf_counter()
@@ -296,7 +297,13 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
                 runs.append(("transfer", *previous[method]))
             for setting, src, directions in runs:
                 base = dict(face=name, method=method, setting=setting, source=src)
-                curve, matched, out = evaluate_directions(editor, image, directions, masks, settings, base)
+                same = _edits_key(directions, settings.regions)
+                if same in scored:  # another method found exactly these directions (e.g. JIVE with joint rank 0)
+                    curve, matched, out = scored[same]
+                    curve, matched = [dict(r, **base) for r in curve], [dict(r, **base) for r in matched]
+                else:
+                    curve, matched, out = evaluate_directions(editor, image, directions, masks, settings, base)
+                    scored[same] = (curve, matched, out)
                 if lp is not None:
                     _add_lpips(lp, matched, out, recon)
                 face_rows += curve + matched
@@ -312,6 +319,14 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
             resume.save_face(name, face_rows, face_times, found, panel if i == 0 else None)
     bar.close()
     return dict(rows=rows, panel=panel, timings=timings, lpips=lpips_note)
+
+
+def _edits_key(md, regions: Sequence[str]) -> tuple:
+    """What decides an edit's renders: space, timestep, unit and each region's first direction, bit for bit."""
+    from localdiff.images import tensor_hash
+
+    return (md.space, md.timestep, md.unit,
+            tuple(tensor_hash(md.vectors[r][0].float().cpu()) for r in regions if r in md.vectors))
 
 
 def progress_key(settings: EvalSettings, model, num_steps: int, masks: Mapping[str, Tensor]) -> dict:
