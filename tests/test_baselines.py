@@ -143,6 +143,11 @@ def test_interrupted_eval_goes_on_where_it_stopped(editor, tmp_path):
     assert set(rest["panel"]) == {"jive", "loco"}  # face 0's panel comes back from the progress folder
     assert [len(t) for t in rest["timings"].values()] == [3, 3]
 
+    with open(tmp_path / "b" / "rows.jsonl", "a") as f:
+        f.write('{"face": "f3", "rows": [')  # a line cut short by a crash is dropped
+    assert Progress(tmp_path / "b", key).load(["f0", "f1", "f2", "f3"])[0] == ["f0", "f1", "f2"]
+    assert (tmp_path / "b" / "rows.jsonl").read_text().endswith("}\n")
+
     other = EvalSettings(**{**settings.__dict__, "target_change": 0.05})
     with pytest.raises(LocalDiffError, match="other settings .*target_change"):
         Progress(tmp_path / "b", progress_key(other, editor.model, editor.num_steps, REGIONS)).load(["f0"])

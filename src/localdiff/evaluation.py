@@ -169,16 +169,17 @@ class Progress:
         done: list[str] = []
         rows: list[dict] = []
         timings: dict[str, list[float]] = {}
-        with open(self.folder / "rows.jsonl") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash: that face is done again
-                    break
-                done.append(entry["face"])
-                rows += entry["rows"]
-                for m, t in entry["timings"].items():
-                    timings.setdefault(m, []).append(t)
+        lines = (self.folder / "rows.jsonl").read_text().splitlines(keepends=True)
+        for n, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash: drop it, that face is done again
+                (self.folder / "rows.jsonl").write_text("".join(lines[:n]))
+                break
+            done.append(entry["face"])
+            rows += entry["rows"]
+            for m, t in entry["timings"].items():
+                timings.setdefault(m, []).append(t)
         if done != list(faces[:len(done)]):
             raise LocalDiffError(f"{self.folder} holds an evaluation of other faces ({', '.join(done[:3])}, ...); "
                                  f"use another --out-dir, or delete {self.folder} to start over")
