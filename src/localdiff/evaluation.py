@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -144,8 +145,6 @@ class Progress:
     missing). All plain data, no pickle."""
 
     def __init__(self, folder, key: dict):
-        from pathlib import Path
-
         self.folder = Path(folder)
         self.key = key
 
@@ -190,8 +189,6 @@ class Progress:
     def save_face(self, face: str, rows: list[dict], timings: dict[str, float], directions: dict,
                   panel: dict[str, Tensor] | None = None) -> None:
         """Record one finished face; its rows go in last, so a crash never leaves a half-recorded face."""
-        from pathlib import Path
-
         from safetensors.torch import save_file
 
         from localdiff.images import atomic_write
@@ -394,8 +391,6 @@ def write_report(result: dict, settings: EvalSettings, masks: Mapping[str, Tenso
     summary's lines."""
     import csv
     import io
-    from pathlib import Path
-
     from localdiff.images import atomic_write, save_image
     from localdiff.viz import curves_figure, method_panel
 
