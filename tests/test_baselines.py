@@ -116,6 +116,7 @@ def test_eval_quick_writes_the_report(small_dir, tmp_path):
         if r["reached"] == "True":  # calibrated to the target visibility
             assert abs(float(r["inside_change"]) - 0.08) < 0.04, r
     summary = (out / "summary.md").read_text()
+    assert summary.startswith(f"# localdiff eval: {small_dir} (fingerprint ")  # not the default model's name
     assert "LPIPS: unavailable" in summary or "LPIPS (AlexNet)" in summary
 
 
