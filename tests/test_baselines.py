@@ -120,6 +120,21 @@ def test_eval_quick_writes_the_report(small_dir, tmp_path):
     assert "LPIPS: unavailable" in summary or "LPIPS (AlexNet)" in summary
 
 
+def test_eval_joint_rank_reaches_jive_only(small_dir, tmp_path):
+    """--joint-rank 1 takes a joint direction out of JIVE's local directions, so they are no longer the masked
+    Jacobian's top singular vectors; the masked baseline is unchanged by it."""
+    out = tmp_path / "eval"
+    code = main(["eval", "--quick", "--model", str(small_dir), "--methods", "jive", "masked", "--no-transfer",
+                 "--joint-rank", "1", "--out-dir", str(out), "-q"])
+    assert code == 0
+    rows = [r for r in csv.DictReader(open(out / "results.csv")) if r["kind"] == "curve"]
+    by = {(r["method"], r["face"], r["region"], r["strength"]): float(r["inside_change"]) for r in rows}
+    jive = [v for (m, *rest), v in by.items() if m == "jive"]
+    masked = [by[("masked", *rest)] for (m, *rest) in by if m == "jive"]
+    assert len(jive) == len(masked) > 0
+    assert max(abs(a - b) for a, b in zip(jive, masked)) > 1e-4  # different directions, different edits
+
+
 def test_interrupted_eval_goes_on_where_it_stopped(editor, tmp_path):
     """Rows recorded face by face; a second run on more faces scores only the new ones and equals one uninterrupted
     run, also when the saved directions for the transfer are gone (rediscovered); other settings are refused."""

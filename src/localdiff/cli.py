@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
                    help=f"h-space edit schedule (default: {DEFAULTS['schedule']})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer evaluation")
+    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R",
+                   help="JIVE joint rank for the jive method, or auto (default: auto)")
     p.epilog = ("Finished faces are recorded in OUT_DIR/progress/ as the run goes: run the same command again after "
                 "an interruption and it goes on from there.")
     p.add_argument("--quick", action="store_true",
@@ -370,6 +372,8 @@ def cmd_eval(args) -> None:
         settings.ladder = (0.125, 0.5, 1.0)
         settings.pca_samples = 16
         settings.discover = dict(k=2, oversample=2, individual_rank=1, null_rank=2, max_iter=4, tol_deg=1.0)
+    if args.joint_rank is not None:
+        settings.discover["joint_rank"] = args.joint_rank
     progress = Progress(out_dir / "progress", progress_key(settings, editor.model, steps, masks))
     if progress.started:
         log.info("going on with the unfinished evaluation in %s", progress.folder)
