@@ -94,13 +94,19 @@ def test_interpolate_strength():
     assert ok and abs(s - 0.05) < 1e-12
 
 
-def test_eval_quick_writes_the_report(small_dir, tmp_path):
+@pytest.fixture
+def images(tmp_path):
+    """Two small textured images to evaluate on (the face GAN is not a test dependency)."""
     from localdiff.images import to_pil
 
-    images = tmp_path / "images"
-    images.mkdir()
+    folder = tmp_path / "images"
+    folder.mkdir()
     for i in range(2):
-        to_pil(texture(16, seed=i)[0]).save(images / f"face{i}.png")
+        to_pil(texture(16, seed=i)[0]).save(folder / f"face{i}.png")
+    return folder
+
+
+def test_eval_quick_writes_the_report(small_dir, images, tmp_path):
     out = tmp_path / "eval"
     code = main(["eval", "--quick", "--model", str(small_dir), "--images", str(images), "--out-dir", str(out), "-q"])
     assert code == 0
@@ -120,12 +126,12 @@ def test_eval_quick_writes_the_report(small_dir, tmp_path):
     assert "LPIPS: unavailable" in summary or "LPIPS (AlexNet)" in summary
 
 
-def test_eval_joint_rank_reaches_jive_only(small_dir, tmp_path):
+def test_eval_joint_rank_reaches_jive_only(small_dir, images, tmp_path):
     """--joint-rank 1 takes a joint direction out of JIVE's local directions, so they are no longer the masked
     Jacobian's top singular vectors; the masked baseline is unchanged by it."""
     out = tmp_path / "eval"
-    code = main(["eval", "--quick", "--model", str(small_dir), "--methods", "jive", "masked", "--no-transfer",
-                 "--joint-rank", "1", "--out-dir", str(out), "-q"])
+    code = main(["eval", "--quick", "--model", str(small_dir), "--images", str(images), "--methods", "jive", "masked",
+                 "--no-transfer", "--joint-rank", "1", "--out-dir", str(out), "-q"])
     assert code == 0
     rows = [r for r in csv.DictReader(open(out / "results.csv")) if r["kind"] == "curve"]
     by = {(r["method"], r["face"], r["region"], r["strength"]): float(r["inside_change"]) for r in rows}
