@@ -380,9 +380,7 @@ def cmd_eval(args) -> None:
     result = run_evaluation(editor, faces, masks, settings, progress=not args.quiet, resume=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "localdiff " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("localdiff") else "localdiff eval ..."
-    default = default_model_path()
-    is_default = default is not None and editor.model.name == str(default)
-    model_name = "the embedded default model" if is_default else editor.model.name
+    model_name = editor.model.name if args.model else "the embedded default model"  # as _editor chose it
     header = [f"# localdiff eval: {model_name} (fingerprint {editor.model.fingerprint}), {steps} DDIM steps",
               "", f"Command: `{command}`", ""]
     recon = editor.invert(faces[0][1]).reconstruction
