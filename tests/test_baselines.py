@@ -106,6 +106,13 @@ def images(tmp_path):
     return folder
 
 
+def test_timing_row_median_of_an_even_count():
+    from localdiff.evaluation import timing_row
+
+    # median of 4 values: the mean of the middle two (torch.median would give the lower one, 2.0)
+    assert timing_row("jive", [1.0, 2.0, 3.0, 10.0]) == "| jive | 2.5 | 4.0 | 4.1 |"
+
+
 def test_eval_quick_writes_the_report(small_dir, images, tmp_path):
     out = tmp_path / "eval"
     code = main(["eval", "--quick", "--model", str(small_dir), "--images", str(images), "--out-dir", str(out), "-q"])
