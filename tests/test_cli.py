@@ -197,6 +197,25 @@ def test_sample_command(small_dir, tmp_path, capsys):
     assert grid.std() > 0
 
 
+def test_sample_out_dir_writes_seeded_images_at_model_resolution(small_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    code, _, err = run(["sample", "-n", "3", "--steps", "3", "--seed", "5", "--model", small_dir, "--out-dir", out,
+                        "-q"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["seed5_0000.png", "seed5_0001.png", "seed5_0002.png"]
+    first = np.asarray(Image.open(out / names[0]))
+    assert first.shape == (16, 16, 3)
+    # image i depends on the seed and i only: drawing 1 image gives the same first image
+    code, _, err = run(["sample", "-n", "1", "--steps", "3", "--seed", "5", "--model", small_dir, "--out-dir",
+                        tmp_path / "one", "-q"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / names[0])), first)
+    assert not np.array_equal(np.asarray(Image.open(out / names[1])), first)
+    code, _, err = run(["sample", "-n", "2", "--model", small_dir], capsys)
+    assert code == 2 and "--out-dir" in err and len(err.strip().splitlines()) == 1
+
+
 def test_template_masks_by_name(small_dir, files, tmp_path, capsys):
     out = tmp_path / "t.safetensors"
     code, _, err = run(["discover", files / "face.png", "--mask", "eyes", "--mask", "mouth", "--model", small_dir,

@@ -7,7 +7,7 @@ import torch
 
 from localdiff import load_model
 from localdiff.metrics import psnr
-from localdiff.sampling import ddim_invert, ddim_sample, ddim_step, edit_steps, make_schedule
+from localdiff.sampling import ddim_invert, ddim_sample, ddim_step, edit_steps, generate, initial_noise, make_schedule
 
 from conftest import texture
 
@@ -35,6 +35,30 @@ def test_step_matches_diffusers_schedulers(model_dir):
         theirs = inv.step(e, sched.timesteps[i], xi).prev_sample  # diffusers: step *to* timesteps[i]
         assert (ours - theirs).abs().max() < 1e-5
         xi = ours
+
+
+@pytest.mark.parametrize("bounds", [dict(clip_sample=True), dict(clip_sample=False),
+                                    dict(clip_sample=True, clip_sample_range=0.5),
+                                    dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)])
+def test_generation_matches_diffusers_ddim_loop(model_dir, bounds):
+    """generate() follows the scheduler config's x0 bounds exactly as diffusers' DDIMScheduler.step loop does."""
+    from diffusers import DDIMScheduler
+
+    model = load_model(model_dir)
+    model.scheduler = DDIMScheduler.from_config(model.scheduler.config, **bounds)
+    ours = generate(model, 2, make_schedule(model, 10), seed=3)
+    ref = DDIMScheduler.from_config(model.scheduler.config)
+    ref.set_timesteps(10)
+    x = initial_noise(model, 2, seed=3)
+    with torch.no_grad():
+        for t in ref.timesteps:
+            x = ref.step(model.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert (ours - x.clamp(-1, 1)).abs().max() <= 1e-4
+    # the bounds are active on this model (its x0 predictions leave [-1, 1]), so the comparison can tell them apart
+    unbounded = DDIMScheduler.from_config(model.scheduler.config, clip_sample=False, thresholding=False)
+    model.scheduler = unbounded
+    if bounds.get("clip_sample") is not False:
+        assert (generate(model, 2, make_schedule(model, 10), seed=3) - ours).abs().max() > 1e-2
 
 
 def test_inversion_round_trip_psnr(model_dir):

@@ -19,7 +19,7 @@ from localdiff.demo import DemoSettings
 from localdiff.directions import Directions
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.errors import LocalDiffError
-from localdiff.images import check_output_path, open_image, save_image
+from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
 from localdiff.model import default_model_path, load_model
 
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw images from the model (deterministic DDIM from seeded noise)")
     p.add_argument("-n", type=_positive_int, default=16, help="number of images (default: 16)")
-    p.add_argument("--out", required=True, metavar="GRID.png")
+    p.add_argument("--out", metavar="GRID.png", help="write the images as one grid, enlarged for viewing")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="write each image as DIR/seed<S>_<i>.png at the model's resolution")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     _model_options(p, DEFAULTS["num_steps"])
 
@@ -299,12 +301,23 @@ def cmd_sample(args) -> None:
     from localdiff.sampling import generate, make_schedule
     from localdiff.viz import image_grid
 
-    out = check_output_path(args.out, (".png",), "--out")
+    if args.out is None and args.out_dir is None:
+        raise LocalDiffError("sample needs --out GRID.png (one grid) or --out-dir DIR (one PNG per image), or both")
+    names = [f"seed{args.seed}_{i:04d}.png" for i in range(args.n)]
+    out = check_output_path(args.out, (".png",), "--out") if args.out is not None else None
+    out_dir = _check_out_dir(args.out_dir, names[0]) if args.out_dir is not None else None
     editor = _editor(args, args.steps)
     images = generate(editor.model, args.n, make_schedule(editor.model, args.steps), seed=args.seed,
                       progress=editor.progress)
-    save_image(image_grid(images), out)
-    log.info("wrote %s (%d images)", out, args.n)
+    if out is not None:
+        save_image(image_grid(images), out)
+        log.info("wrote %s (%d images)", out, args.n)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, image in zip(names, to_pil(images)):
+            save_image(image, out_dir / name)
+        log.info("wrote %d images of %d x %d px to %s", args.n, editor.model.resolution, editor.model.resolution,
+                 out_dir)
 
 
 def _check_out_dir(path: str, probe: str) -> Path:

