@@ -40,6 +40,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--swd-every", type=int, default=0, metavar="STEPS",
+                   help="score the EMA weights every STEPS steps (SWD against held-out GAN faces and held-out "
+                        "epsilon MSE, appended to swd.csv; default: never)")
+    p.add_argument("--swd-n", type=int, default=256, help="samples for that SWD (default: 256)")
+    p.add_argument("--swd-steps", type=int, default=10, help="DDIM steps for those samples (default: 10)")
     p.add_argument("--resume", action="store_true", help="continue from --work-dir's checkpoint")
     p.add_argument("--resume-from", type=Path, default=None, metavar="DIR",
                    help="if --work-dir has no checkpoint, continue from the compact state in DIR")
@@ -205,6 +211,40 @@ def sample_grid(unet, scheduler_config, path: Path, n: int = 16, steps: int = 50
     grid.save(path)
 
 
+class SampleQuality:
+    """SWD of the EMA weights' samples against held-out GAN faces and held-out epsilon MSE, logged to a CSV."""
+
+    def __init__(self, gan: FaceGAN, path: Path, n: int, steps: int):
+        from localdiff.facegan import SWD_REFERENCE_SEEDS, VALIDATION_SEEDS
+
+        self.reference = gan.face_range(SWD_REFERENCE_SEEDS, n).cpu()
+        self.validation = gan.face_range(VALIDATION_SEEDS, 256).cpu()
+        self.path, self.n, self.steps = path, n, steps
+
+    @torch.no_grad()
+    def __call__(self, ema, step: int, images_seen: int, elapsed: float) -> dict:
+        from diffusers import DDIMScheduler
+
+        from localdiff.metrics import heldout_eps_mse, swd
+        from localdiff.model import DiffusionModel
+        from localdiff.sampling import generate, make_schedule
+
+        model = DiffusionModel(ema, DDIMScheduler(**SCHEDULER_CONFIG), name="ema", fingerprint="training")
+        samples = generate(model, self.n, make_schedule(model, self.steps), seed=0, batch_size=32)
+        score = swd(samples, self.reference)
+        mse = heldout_eps_mse(lambda x, t: ema(x.to(ema.device), t.to(ema.device)).sample,
+                              model.scheduler.alphas_cumprod, self.validation)
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "images_seen", "elapsed_s", "swd_mean", *[f"swd_{k}" for k in score if k != "mean"],
+                            "heldout_eps_mse", "n", "ddim_steps"])
+            w.writerow([step, images_seen, f"{elapsed:.1f}", f"{score['mean']:.2f}",
+                        *[f"{v:.2f}" for k, v in score.items() if k != "mean"], f"{mse:.5f}", self.n, self.steps])
+        return dict(score, heldout_eps_mse=mse)
+
+
 def export(ema, path: Path, info: dict) -> None:
     """Ship the EMA weights in fp16 with the model and scheduler configs (diffusers layout)."""
     from diffusers import DDPMScheduler
@@ -256,18 +296,23 @@ def main(argv=None) -> None:
     if new_log:
         log.writerow(["step", "loss", "mse", "lr", "elapsed_s"])
 
+    quality = SampleQuality(gan, work / "swd.csv", args.swd_n, args.swd_steps) if args.swd_every else None
+
     def checkpoint(elapsed: float) -> None:
         save_checkpoint(work, unet, ema, opt, step, elapsed, args.arch)
+        log_file.flush()
         if args.save_compact is not None:
             save_compact(args.save_compact, unet, ema, step, elapsed, args.arch, args)
-        log_file.flush()
+            for name in ("loss.csv", "swd.csv"):
+                if (work / name).is_file():
+                    shutil.copyfile(work / name, args.save_compact / name)
 
-    start = time.time()
+    start = wall_start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     running = None
     n_train = len(TRAIN_SEEDS)
     while step < args.steps:
-        if args.time_limit is not None and (time.time() - start) / 60 > args.time_limit:
+        if args.time_limit is not None and (time.time() - wall_start) / 60 > args.time_limit:
             print(f"time limit reached at step {step}")
             break
         first = step * args.batch_size
@@ -300,6 +345,12 @@ def main(argv=None) -> None:
             checkpoint(elapsed)
         if step % args.sample_every == 0:
             sample_grid(ema, SCHEDULER_CONFIG, work / f"samples_{step:06d}.png")
+        if quality is not None and step % args.swd_every == 0:
+            t_q = time.time()
+            q = quality(ema, step, step * args.batch_size, elapsed_before + t_q - start)
+            bar.write(f"step {step}: SWD {q['mean']:.1f}, held-out eps MSE {q['heldout_eps_mse']:.4f}")
+            start += time.time() - t_q  # the logged training time leaves the scoring out
+            checkpoint(elapsed_before + time.time() - start)
     bar.close()
     elapsed = elapsed_before + time.time() - start
     checkpoint(elapsed)

@@ -4,7 +4,9 @@ The embedded default model is distilled from this GAN: faces are drawn on the fl
 stored. Seed ranges are fixed and disjoint:
 
 * training seeds: ``0 .. 9_999_999`` (``TRAIN_SEEDS``)
-* evaluation seeds: ``10_000_000 ..`` (``EVAL_SEED_START``); the shipped example faces use the first ones.
+* evaluation seeds: ``10_000_000 ..`` (``EVAL_SEED_START``); the shipped example faces and the 32-face
+  evaluation use the first ones; sample quality uses three further disjoint blocks (``SWD_REFERENCE_SEEDS``,
+  ``SWD_FLOOR_SEEDS``, ``VALIDATION_SEEDS``).
 
 Face ``i`` depends on seed ``i`` alone (its own generator), not on the batch it is drawn in. Licence: the GAN
 code and weights are MIT; its training data, DigiFace-1M, is for non-commercial research only.
@@ -23,6 +25,9 @@ from localdiff.errors import LocalDiffError
 
 TRAIN_SEEDS = range(0, 10_000_000)
 EVAL_SEED_START = 10_000_000
+SWD_REFERENCE_SEEDS = EVAL_SEED_START + 100_000  # the reference set of the SWD sample-quality number
+SWD_FLOOR_SEEDS = EVAL_SEED_START + 200_000  # a second GAN set: the GAN-vs-GAN floor of that number
+VALIDATION_SEEDS = EVAL_SEED_START + 300_000  # held-out faces for the epsilon MSE
 LATENT = 100
 
 
@@ -52,6 +57,11 @@ class FaceGAN:
     def faces(self, seeds: Sequence[int]) -> Tensor:
         z = self.latents(seeds).to(self.device)[:, :, None, None]
         return self.net(z).clamp(-1, 1)
+
+    def face_range(self, start: int, n: int, batch_size: int = 256) -> Tensor:
+        """Faces of seeds ``start .. start + n - 1``, drawn in batches."""
+        return torch.cat([self.faces(range(s, min(s + batch_size, start + n)))
+                          for s in range(start, start + n, batch_size)])
 
 
 def eval_seeds(n: int) -> list[int]:

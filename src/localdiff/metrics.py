@@ -197,3 +197,19 @@ def swd(images_a: Tensor, images_b: Tensor, *, num_levels: int | None = None, pa
                                                                repeats=repeats, generator=g)
     result["mean"] = sum(result.values()) / len(result)
     return result
+
+
+@torch.no_grad()
+def heldout_eps_mse(eps_fn, alphas_cumprod: Tensor, images: Tensor, *, batch_size: int = 64, seed: int = 1234) -> float:
+    """Epsilon-prediction MSE of ``eps_fn(x_t, t)`` on held-out ``images`` (N, C, H, W): image i is noised at
+    timestep (997 i) mod T with noise fixed by ``seed``, so every model is scored on the same inputs."""
+    n, num_t = images.shape[0], alphas_cumprod.shape[0]
+    t = (torch.arange(n) * 997) % num_t
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    total = 0.0
+    for s in range(0, n, batch_size):
+        x0, e, ts = images[s:s + batch_size], noise[s:s + batch_size], t[s:s + batch_size]
+        a = alphas_cumprod[ts].to(x0.dtype)[:, None, None, None]
+        pred = eps_fn(a.sqrt() * x0 + (1 - a).sqrt() * e, ts).float().cpu()
+        total += float((pred - e).pow(2).mean(dim=(1, 2, 3)).sum())
+    return total / n
