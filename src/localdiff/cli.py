@@ -21,7 +21,7 @@ from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
-from localdiff.model import default_model_path, load_model
+from localdiff.model import default_model_path, load_model, quiet_diffusers
 
 log = logging.getLogger("localdiff")
 
@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line with exit status 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"localdiff: error: {message} (see {self.prog} --help)\n")
 
 
 def _finite_float(text: str) -> float:
@@ -72,14 +72,19 @@ def _rank(text: str) -> int | None:
     return None if text == "auto" else _whole_number(text, 0)
 
 
-def _model_options(p: argparse.ArgumentParser, steps_default: int | None, steps_note: str = "as discovered") -> None:
+STEPS_WHY = "50 steps reconstruct faces at about 32 dB; the demo takes 20 (about 24 dB) to run in under a minute"
+
+
+def _model_options(p: argparse.ArgumentParser, steps_default: int | None, steps_note: str = "as discovered",
+                   why: str = "") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="M", help="diffusers model folder or hub id (default: the embedded model)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
     g.add_argument("--steps", type=_positive_int, default=steps_default, metavar="N",
                    help="DDIM steps for inversion and regeneration"
-                   + (f" (default: {steps_default})" if steps_default else f" (default: {steps_note})"))
+                   + (f" (default: {steps_default}{'; ' + why if why else ''})" if steps_default
+                      else f" (default: {steps_note})"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
 
 
@@ -108,22 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"start of the subspace iteration (default: {DEFAULTS['seed']})")
     p.add_argument("--max-iter", type=_positive_int, default=DEFAULTS["max_iter"], metavar="N",
                    help=f"subspace iteration limit (default: {DEFAULTS['max_iter']})")
-    _model_options(p, DEFAULTS["num_steps"])
+    _model_options(p, DEFAULTS["num_steps"], why=STEPS_WHY)
 
     p = sub.add_parser("edit", help="apply one or more directions to an image (any image of the same model)")
-    p.add_argument("image")
-    p.add_argument("--directions", required=True, metavar="DIRS.safetensors")
+    p.add_argument("image", help="the image to edit (PNG/JPEG; resized to the model's resolution)")
+    p.add_argument("--directions", required=True, metavar="DIRS.safetensors",
+                   help="a directions file written by 'localdiff discover'")
     p.add_argument("--direction", action="append", required=True, metavar="NAME[:INDEX]",
                    help="a direction, e.g. mouth or mouth:1 or joint:0; repeat to compose edits")
     p.add_argument("--strength", action="append", type=_finite_float, required=True, metavar="S",
                    help="one strength per --direction, or one for all (units of |h|)")
-    p.add_argument("--out", required=True, metavar="OUT.png")
+    p.add_argument("--out", required=True, metavar="OUT.png", help="where to write the edited image (PNG)")
     _edit_options(p)
 
     p = sub.add_parser("sweep", help="animate one direction from -S to +S (GIF plus a PNG strip)")
-    p.add_argument("image")
-    p.add_argument("--directions", required=True, metavar="DIRS.safetensors")
-    p.add_argument("--direction", required=True, metavar="NAME[:INDEX]")
+    p.add_argument("image", help="the image to edit (PNG/JPEG; resized to the model's resolution)")
+    p.add_argument("--directions", required=True, metavar="DIRS.safetensors",
+                   help="a directions file written by 'localdiff discover'")
+    p.add_argument("--direction", required=True, metavar="NAME[:INDEX]", help="the direction, e.g. mouth or mouth:1")
     p.add_argument("--out", required=True, metavar="SWEEP.gif", help="the GIF; the strip goes beside it as .png")
     p.add_argument("--max-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
                    help=f"sweep from -S to +S (default: {GRID_STRENGTH})")
@@ -193,10 +200,17 @@ def _device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise LocalDiffError(f"--device {name} is not a torch device (try cpu or cuda)") from None
+    if dev.type == "meta":
+        raise LocalDiffError("--device meta holds shapes but no numbers, so nothing can be computed on it; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LocalDiffError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise LocalDiffError(f"--device {name}: MPS is not available here; use --device cpu")
+    try:
+        torch.zeros(1, device=dev)
+    except (RuntimeError, AssertionError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LocalDiffError(f"--device {name} cannot be used here ({first}); use --device cpu") from None
     return dev
 
 
@@ -204,7 +218,14 @@ def _editor(args, num_steps: int) -> LocalEditor:
     source = args.model or default_model_path()
     if source is None:
         raise LocalDiffError("no --model given and no embedded default model is installed; pass --model PATH_OR_HUB_ID")
-    model = load_model(source, device=_device(args.device), dtype=getattr(torch, args.dtype))
+    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("note: float16 on the CPU is about 20 times slower than float32 (the CPU has no fast float16 "
+                    "kernels); use --dtype float32 here, float16 on a GPU")
+    model = load_model(source, device=device, dtype=dtype)
+    if num_steps is not None and num_steps > model.num_train_timesteps:
+        raise LocalDiffError(f"--steps {num_steps} is more than the model's {model.num_train_timesteps} training "
+                             f"steps; 20-100 is usual")
     return LocalEditor(model, num_steps=num_steps, progress=not args.quiet)
 
 
@@ -247,11 +268,10 @@ def cmd_discover(args) -> None:
         image, region_masks, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
         individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
     )
-    if grid is not None:
-        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
-    dirs.save(out)
+    dirs.save(out)  # first: interrupting the grid keeps the finished discovery
     log.info("wrote %s (%s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions))
     if grid is not None:
+        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
         log.info("wrote %s", grid)
 
 
@@ -404,17 +424,34 @@ def cmd_eval(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if args.port > 65535:
+        raise LocalDiffError(f"--port {args.port} is not a TCP port (1..65535)")
+    _check_port_free(args.host, args.port)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise LocalDiffError('the web UI needs gradio; run: pip install -e ".[webui]"') from None
-    if args.port > 65535:
-        raise LocalDiffError(f"--port {args.port} is not a TCP port (1..65535)")
     from localdiff.webui import serve
 
     editor = _editor(args, args.steps)
     editor.progress = False
     serve(editor, host=args.host, port=args.port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LocalDiffError(f"--host {host} is not an address of this machine ({exc.strerror}); try 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise LocalDiffError(f"cannot serve on {host}:{port} ({exc.strerror}); another program may be using it: "
+                                 f"choose another port with --port") from None
 
 
 COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
@@ -445,10 +482,7 @@ def _setup_logging(quiet: bool) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.propagate = False
-    # diffusers and transformers chatter (accelerate hints, dtype notes) is not for our users.
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
+    quiet_diffusers()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ self-describing and can be refused for a model it was not made with.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,7 @@ class Directions:
                 f"{path} has directions format {version}, newer than this localdiff understands ({FORMAT_VERSION}); upgrade localdiff"
             )
         try:
-            return cls(
+            dirs = cls(
                 individual={r: tensors[f"individual/{r}"] for r in regions},
                 individual_sigma={r: tensors[f"individual_sigma/{r}"] for r in regions},
                 joint=tensors["joint"],
@@ -198,6 +199,44 @@ class Directions:
             )
         except KeyError as exc:
             raise LocalDiffError(f"{path} is missing tensor {exc}; the file is incomplete") from None
+        problem = dirs.problem()
+        if problem:
+            raise LocalDiffError(f"{path} is not usable: {problem}; discover the directions again")
+        return dirs
+
+    def problem(self) -> str | None:
+        """What makes these directions unusable (broken metadata, non-finite or misshapen tensors), or ``None``."""
+        m = self.meta
+        try:
+            num_steps, step = int(m["num_steps"]), int(m["step_index"])
+            h_norm, fraction = float(m["h_norm"]), float(m["timestep_fraction"])
+            dim = math.prod(int(s) for s in m["h_shape"])
+            str(m["model_fingerprint"])
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"its metadata lacks a valid {exc}"
+        if num_steps < 1:
+            return f"num_steps is {num_steps}, not at least 1"
+        if not 0 <= step < num_steps:
+            return f"step_index {step} is outside its schedule of {num_steps} DDIM steps"
+        if not math.isfinite(h_norm) or h_norm <= 0:
+            return f"h_norm (the strength unit) is {h_norm}, not a positive number"
+        if not 0 < fraction <= 1:
+            return f"timestep_fraction {fraction} is not in (0, 1]"
+        if dim < 1:
+            return f"h_shape {m['h_shape']} is empty"
+        named = [("joint", self.joint)] + [(f"individual/{r}", v) for r, v in self.individual.items()]
+        for name, vecs in named:
+            if vecs.ndim != 2 or (vecs.shape[0] and vecs.shape[1] != dim):
+                return f"tensor {name} has shape {tuple(vecs.shape)}, not (n, {dim}) for h of shape {m['h_shape']}"
+            if not torch.isfinite(vecs).all():
+                return f"tensor {name} holds NaN or infinite values"
+        for r in self.regions:
+            sig, mask = self.individual_sigma[r], self.masks[r]
+            if sig.shape != (self.individual[r].shape[0],) or not torch.isfinite(sig).all():
+                return f"tensor individual_sigma/{r} does not hold one finite value per direction"
+            if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+                return f"mask/{r} has shape {tuple(mask.shape)}, not a square image"
+        return None
 
     # ------------------------------------------------------------------ display
     def describe(self) -> str:

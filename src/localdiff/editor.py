@@ -17,6 +17,7 @@ pay for the regeneration.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,6 +56,12 @@ DEFAULTS = dict(
 # on the default model) to an estimated 0.5 deg of the converged subspaces. About a third of the default's work.
 FAST_DISCOVERY = dict(k=3, oversample=3, individual_rank=2, tol_deg=0.5, max_iter=15)
 
+# More singular vectors than this per region would take hours and gigabytes; nobody needs them.
+MAX_K = 512
+# Two regions whose masks overlap more than this (intersection over union) are the same region twice: JIVE's
+# "local" directions would then be noise.
+MAX_MASK_IOU = 0.95
+
 Edit = tuple[Direction, float]
 
 
@@ -87,8 +94,16 @@ class LocalEditor:
         self._cache_size = cache_size
 
     @classmethod
-    def from_pretrained(cls, source, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
-        """Load a model (hub id or local folder) and wrap it; ``kwargs`` go to :class:`LocalEditor`."""
+    def from_pretrained(cls, source=None, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
+        """Load a model (hub id or local folder; none: the embedded default model) and wrap it; ``kwargs`` go to
+        :class:`LocalEditor`. Diffusers' loading chatter is silenced."""
+        from localdiff.model import default_model_path, quiet_diffusers
+
+        quiet_diffusers()
+        if source is None:
+            source = default_model_path()
+            if source is None:
+                raise LocalDiffError("this install has no embedded default model; pass a model folder or hub id")
         return cls(load_model(source, device=device, dtype=dtype), **kwargs)
 
     # ------------------------------------------------------------------ inversion
@@ -121,8 +136,18 @@ class LocalEditor:
         if not masks:
             raise LocalDiffError("give at least one region mask (e.g. --mask mouth=mouth.png)")
         size = image_size(image) if image is not None and not isinstance(image, Tensor) else None
-        return {check_region_name(n): load_mask(m, self.model.resolution, name=n, image_size=size)
-                for n, m in masks.items()}
+        loaded = {check_region_name(n): load_mask(m, self.model.resolution, name=n, image_size=size)
+                  for n, m in masks.items()}
+        names = list(loaded)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                inter = float((loaded[a] & loaded[b]).sum())
+                union = float((loaded[a] | loaded[b]).sum())
+                if inter / union > MAX_MASK_IOU:
+                    raise LocalDiffError(
+                        f"regions {a!r} and {b!r} have (nearly) the same mask (overlap {inter / union:.0%} of their "
+                        f"union); each region needs its own mask, or give the region once")
+        return loaded
 
     def discover(
         self,
@@ -148,8 +173,13 @@ class LocalEditor:
         """
         if not 0.0 < timestep <= 1.0:
             raise LocalDiffError(f"timestep must be a fraction of T in (0, 1], got {timestep}")
-        if k < 1:
-            raise LocalDiffError(f"k must be at least 1, got {k}")
+        dim = math.prod(self.model.h_shape)
+        if not 1 <= k <= min(MAX_K, dim):
+            raise LocalDiffError(f"k (singular vectors per region) must be in 1..{min(MAX_K, dim)}, got {k}; 3-16 is usual "
+                                 f"(h-space has {dim} dimensions, and the work grows with k)")
+        if oversample < 0 or k + oversample > dim:
+            raise LocalDiffError(f"oversample must be in 0..{dim - k} (k + oversample at most h-space's {dim} "
+                                 f"dimensions), got {oversample}")
         if individual_rank < 1 or individual_rank > k:
             raise LocalDiffError(f"individual rank must be in 1..k={k}, got {individual_rank}")
         if joint_rank is not None and not 0 <= joint_rank < k * len(masks):

@@ -6,13 +6,14 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from localdiff.errors import LocalDiffError
@@ -22,20 +23,49 @@ log = logging.getLogger("localdiff")
 ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
 def open_image(src: str | Path, what: str = "image") -> Image.Image:
-    """Open an image file fully (so errors surface here), or raise a one-line :class:`LocalDiffError`."""
+    """Open an image file fully (so errors surface here), or raise a one-line :class:`LocalDiffError`.
+
+    A JPEG's EXIF orientation is applied (the image is turned upright, with a note), and an animated image gives
+    its first frame (with a note). Images too large to be a photo (PIL's decompression-bomb limit) are refused.
+    """
     path = Path(src)
     if not path.exists():
         raise LocalDiffError(f"{what} {src} does not exist")
     if path.is_dir():
         raise LocalDiffError(f"{what} {src} is a folder, not an image file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if getattr(im, "n_frames", 1) > 1:
+                    log.warning("note: %s %s has %d frames; using the first", what, src, im.n_frames)
+                im.load()
+                orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+                if orientation not in (1, None):
+                    log.warning("note: %s %s is turned upright as its EXIF orientation (%d) says", what, src,
+                                orientation)
+                    return ImageOps.exif_transpose(im)
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise LocalDiffError(f"{what} {src} is too large to open safely ({_pixels(path)}); shrink it to a few "
+                             f"thousand pixels a side") from exc
     except UnidentifiedImageError as exc:
         raise LocalDiffError(f"{what} {src} is not an image PIL can read (PNG, JPEG, ...)") from exc
     except OSError as exc:
         raise LocalDiffError(f"cannot read {what} {src}: {exc}") from exc
+
+
+def _pixels(path: Path) -> str:
+    """'W x H pixels' read from the header alone (no decoding), for messages."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; nothing is decoded here
+    try:
+        with Image.open(path) as im:
+            return f"{im.size[0]} x {im.size[1]} pixels"
+    except OSError:
+        return "too many pixels"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
@@ -67,8 +97,13 @@ def as_pil(img: ImageLike, what: str) -> Image.Image:
 def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tensor:
     """RGB image -> tensor (1, 3, R, R) in [-1, 1]; other sizes are centre-cropped and resized (with a notice)."""
     pil = as_pil(img, "image")
-    if pil.mode not in ("RGB", "RGBA", "L", "P", "LA", "1", "CMYK", "YCbCr"):
+    if pil.mode not in ("RGB", "RGBA", "L", "P", "LA", "PA", "1", "CMYK", "YCbCr"):
         raise LocalDiffError(f"{name} has image mode {pil.mode}, which localdiff cannot use; save it as RGB PNG")
+    if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        alpha = pil.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            log.warning("note: %s has transparent pixels; the alpha channel is dropped (the colours under it are used)",
+                        name)
     pil = pil.convert("RGB")
     if pil.size != (resolution, resolution):
         log.warning(
@@ -115,6 +150,13 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...], what: str) ->
         raise LocalDiffError(f"cannot write {what} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise LocalDiffError(f"cannot write {what} {path}: folder {parent} is not writable")
+    try:  # what os.access cannot know (/proc, read-only mounts, full disks): try it
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LocalDiffError(f"cannot write {what} {path}: no file can be created in {parent} "
+                             f"({exc.strerror or exc}); choose another folder") from None
     return p
 
 
@@ -122,7 +164,10 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...], what: str) ->
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
+    except OSError as exc:
+        raise LocalDiffError(f"cannot write {path}: {exc.strerror or exc}; choose another folder") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -130,6 +175,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
+    except OSError as exc:  # e.g. the disk filled up while writing
+        Path(tmp).unlink(missing_ok=True)
+        raise LocalDiffError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,6 +7,7 @@ model, by template name (``eyes``, ``nose``, ``mouth``, ``hair``): the templates
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from localdiff.errors import LocalDiffError
 from localdiff.images import ImageLike, as_pil, center_crop_box
+
+log = logging.getLogger("localdiff")
 
 _MASK_MODES = {"1", "L", "P", "LA", "RGB", "RGBA"}
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -38,7 +41,8 @@ def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[
     """A region mask -> bool tensor (R, R).
 
     Accepts a file, PIL image, array or tensor. White (or, for images with transparency, opaque) pixels are
-    inside. A mask must have the size of the image it belongs to (it is then cropped and resized with it,
+    inside; a soft (grey-level) mask is thresholded at 50 % grey, with a note, and a mask of one grey level is
+    refused. A mask must have the size of the image it belongs to (it is then cropped and resized with it,
     nearest neighbour) or the model's resolution; it must be neither empty nor the whole image.
     """
     if isinstance(mask, Tensor) and mask.dtype == torch.bool:
@@ -62,7 +66,16 @@ def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[
                 f"give a mask of the image's size or of the model's ({resolution}x{resolution})"
             )
         grey = grey.crop(center_crop_box(*size)).resize((resolution, resolution), Image.Resampling.NEAREST)
-    m = torch.from_numpy(np.asarray(grey) >= 128)
+    values = np.asarray(grey)
+    low, high = int(values.min()), int(values.max())
+    if low == high and 0 < low < 255:
+        raise LocalDiffError(f"mask {name!r} is one grey level ({low}) everywhere; paint the region white (255) on "
+                             f"black (0)")
+    soft = float(((values > 15) & (values < 240)).mean())
+    if soft > 0.01:
+        log.warning("note: mask %r is soft (%.0f%% of its pixels are grey); localdiff uses the pixels at least 50%% "
+                    "white as the region", name, 100 * soft)
+    m = torch.from_numpy(values >= 128)
     frac = float(m.float().mean())
     if frac == 0.0:
         raise LocalDiffError(f"mask {name!r} is empty (no white pixels) at {resolution}x{resolution}; paint the region white")

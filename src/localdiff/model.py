@@ -139,6 +139,21 @@ class DiffusionModel:
         return self.decode(h, enc.skips, enc.temb)
 
 
+def quiet_diffusers() -> None:
+    """Silence diffusers' chatter (the "accelerate not found" hint, dtype notes): it is not for our users.
+
+    Before diffusers is imported this only sets ``DIFFUSERS_VERBOSITY`` (importing it costs seconds that a command
+    failing on bad input should not pay); afterwards it sets the verbosity directly."""
+    import os
+    import sys
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+
+
 # ---------------------------------------------------------------------- loading
 def load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> DiffusionModel:
     """Load an unconditional diffusers model from a hub id or a local folder.
@@ -170,6 +185,7 @@ def load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> Diff
         has_sched = (path / (sched_sub or "") / "scheduler_config.json").is_file()
     elif source_str.count("/") == 1 and not source_str.startswith((".", "/", "~")):
         unet_sub, sched_sub, has_sched = "unet", "scheduler", True
+        _check_hub_reachable(source_str)
     else:
         raise LocalDiffError(f"model {source_str} not found: give a diffusers model folder or a hub id (owner/name)")
 
@@ -194,6 +210,36 @@ def load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> Diff
     fp = fingerprint_unet(unet)  # before any dtype cast, so the fingerprint does not depend on dtype
     unet = unet.to(device=device, dtype=dtype)
     return DiffusionModel(unet, scheduler, name=source_str, fingerprint=fp)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub model's U-Net config is in the local Hugging Face cache (no network is used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "unet/config.json")
+    return isinstance(found, str)
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail at once, with advice, when a hub model is neither cached nor downloadable (offline machine): the hub
+    client would otherwise retry for half a minute and then blame a missing config.json."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if _hub_cached(repo_id):
+        return
+    advice = (f"download it where there is a network (huggingface-cli download {repo_id}) into the Hugging Face "
+              f"cache, or save it to a folder and pass --model FOLDER")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise LocalDiffError(f"model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {advice}")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise LocalDiffError(f"model {repo_id} is not in the local Hugging Face cache and {host} cannot be reached "
+                             f"({exc.strerror or type(exc).__name__}); {advice}") from None
 
 
 def _check_unet_class(config_path: Path, source: str) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from localdiff.errors import LocalDiffError
 from localdiff.model import DiffusionModel
 
 EDIT_SCHEDULES = ("all", "window", "single")
@@ -53,7 +54,8 @@ def make_schedule(model: DiffusionModel, num_steps: int) -> Schedule:
     from diffusers import DDIMScheduler
 
     if not 1 <= num_steps <= model.num_train_timesteps:
-        raise ValueError(f"num_steps must be in 1..{model.num_train_timesteps}, got {num_steps}")
+        raise LocalDiffError(f"the number of DDIM steps (--steps) must be in 1..{model.num_train_timesteps}, the model's "
+                             f"training steps; got {num_steps}")
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(num_steps)
     ts = sched.timesteps.to(torch.long)

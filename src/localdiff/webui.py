@@ -309,7 +309,11 @@ def serve(editor: LocalEditor, *, host: str = "127.0.0.1", port: int = 7860, sha
     """Queue requests (one at a time; up to 32 waiting) and serve the app until interrupted."""
     app = build_app(editor)
     app.queue(default_concurrency_limit=1, max_size=32)
-    app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, show_error=True)
+    try:
+        app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, show_error=True)
+    except OSError as exc:  # gradio's message about the port names its environment variable, not our --port
+        raise LocalDiffError(f"cannot serve on {host}:{port} ({exc.strerror or 'port in use'}); choose another port "
+                             f"with --port") from None
 
 
 __all__ = ["Session", "build_app", "serve", "load_upload", "sample_input", "set_template_regions",

@@ -65,7 +65,8 @@ def nullspace_projection(editor: LocalEditor, image: ImageLike, masks: Mapping[s
 def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DEFAULTS["timestep"], n_samples: int = 256,
                    n_components: int = 10, seed: int = 0, batch_size: int = 32) -> tuple[Tensor, float]:
     """Haas et al.'s global directions: principal components of h at ``timestep`` over ``n_samples`` trajectories
-    sampled from noise. Returns ``(components (c, d), mean |h|)``."""
+    sampled from noise (x̂0 bounded as the scheduler config says, as generation does). Returns ``(components
+    (c, d), mean |h|)``."""
     model = editor.model
     schedule = make_schedule(model, editor.num_steps)
     step = schedule.index_of(timestep)
@@ -73,7 +74,7 @@ def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DEFAULTS["timestep"
     hs = []
     for b in tqdm(range(0, n_samples, batch_size), desc="h-space PCA samples", disable=not editor.progress,
                   leave=False):
-        x, _, _ = ddim_sample(model, noise[b:b + batch_size], schedule, stop=step)
+        x, _, _ = ddim_sample(model, noise[b:b + batch_size], schedule, stop=step, clip_sample=True)
         hs.append(model.encode(x, schedule.timesteps[step]).h.flatten(1).double().cpu())
     h = torch.cat(hs)
     centred = h - h.mean(0)
