@@ -155,3 +155,24 @@ def test_two_clients_get_their_own_results(server, browser, shots, tmp_path):
     b.screenshot(path=str(shots / "webui_second_client.png"), full_page=True)
     ctx_a.close()
     ctx_b.close()
+
+
+def test_bad_upload_gives_one_friendly_line_and_sliders_use_the_cli_range(server, browser, tmp_path):
+    from localdiff.editor import EDIT_RANGE
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(server)
+    notes = tmp_path / "notes.png"
+    notes.write_text("a text file named like an image")
+    page.locator("#upload input[type=file]").set_input_files(str(notes))
+    toast = page.get_by_text("not an image localdiff can read")
+    toast.first.wait_for(timeout=60_000)
+    body = page.locator("body").inner_text()
+    assert "Could not preprocess" not in body and "UnidentifiedImageError" not in body
+    assert str(tmp_path) not in body and "/tmp/" not in body
+    # the page recovers: a real upload afterwards works, and no component keeps an error badge
+    start_session(page, server, face_file(tmp_path, 4))
+    assert page.locator(".error").count() == 0 or not page.locator(".error").first.is_visible()
+    slider = page.locator("#dir0 input[type=range]")
+    assert float(slider.get_attribute("max")) == EDIT_RANGE and float(slider.get_attribute("min")) == -EDIT_RANGE
+    page.close()

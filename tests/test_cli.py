@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from localdiff.cli import main
 
-from conftest import make_unet
 
 SIZE = 24  # not the model's 16 px: exercises the centre-crop/resize path
 
@@ -93,96 +91,8 @@ def test_console_script_runs(dirs_file):
     assert res.returncode == 0 and "regions:" in res.stdout
 
 
-# ---------------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def bad(files, small_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad")
-    (d / "notes.txt").write_text("not an image")
-    (d / "notes.png").write_text("not an image either")
-    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(d / "small_mask.png")
-    Image.new("I;16", (SIZE, SIZE)).save(d / "int_mask.png")
-    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(d / "empty.png")
-    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(d / "full.png")
-    torch.save({"w": torch.zeros(3)}, d / "dirs.pt")
-    shutil.copy(d / "dirs.pt", d / "pickled.safetensors")
-    (d / "not_a_model").mkdir()
-    other = d / "other_model"
-    make_unet("plain16", seed=5).save_pretrained(other / "unet")
-    shutil.copytree(small_dir / "scheduler", other / "scheduler")
-    return d
+# Bad input and unusual input, through the real command line: tests/test_reliability.py
 
-
-def discover_args(files, model, out, *masks):
-    args = ["discover", files / "face.png", "--model", model, "--steps", "3", "--k", "2",
-            "--individual-rank", "1", "--max-iter", "2", "--out", out, "-q"]
-    for m in masks:
-        args += ["--mask", m]
-    return args
-
-
-CASES = {
-    "missing image": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={f / 'top.png'}")[:1]
-    + [b / "nope.png"] + discover_args(f, m, out, f"top={f / 'top.png'}")[2:],
-    "not an image": lambda f, b, m, dirs, out: ["discover", b / "notes.png", "--mask", f"top={f / 'top.png'}",
-                                                "--model", m, "--out", out, "-q"],
-    "mask of another size": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={b / 'small_mask.png'}"),
-    "mask mode": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={b / 'int_mask.png'}"),
-    "mask not an image": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={b / 'notes.txt'}"),
-    "empty mask": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={b / 'empty.png'}"),
-    "full mask": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={b / 'full.png'}"),
-    "duplicate region": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={f / 'top.png'}",
-                                                                 f"top={f / 'bottom.png'}"),
-    "mask without name": lambda f, b, m, dirs, out: discover_args(f, m, out, str(f / "top.png")),
-    "not a model": lambda f, b, m, dirs, out: discover_args(f, b / "not_a_model", out, f"top={f / 'top.png'}"),
-    "model is a pickle file": lambda f, b, m, dirs, out: discover_args(f, b / "dirs.pt", out, f"top={f / 'top.png'}"),
-    "unwritable output": lambda f, b, m, dirs, out: discover_args(f, m, b / "no_such_dir" / "d.safetensors",
-                                                                  f"top={f / 'top.png'}"),
-    "wrong output suffix": lambda f, b, m, dirs, out: discover_args(f, m, out.with_suffix(".pt"),
-                                                                    f"top={f / 'top.png'}"),
-    "strength nan": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", dirs, "--direction", "top",
-                                                "--strength", "nan", "--model", m, "--out", out, "-q"],
-    "unknown direction": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", dirs, "--direction",
-                                                     "nose", "--strength", "1", "--model", m, "--out", out, "-q"],
-    "unknown index": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", dirs, "--direction",
-                                                 "top:9", "--strength", "1", "--model", m, "--out", out, "-q"],
-    "foreign model": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", dirs, "--direction", "top",
-                                                 "--strength", "1", "--model", b / "other_model", "--out", out, "-q"],
-    "pickle directions": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", b / "dirs.pt",
-                                                     "--direction", "top", "--strength", "1", "--model", m,
-                                                     "--out", out, "-q"],
-    "pickle named safetensors": lambda f, b, m, dirs, out: ["info", b / "pickled.safetensors"],
-    "strength count": lambda f, b, m, dirs, out: ["edit", f / "face.png", "--directions", dirs, "--direction", "top",
-                                                  "--direction", "bottom", "--strength", "1", "--strength", "2",
-                                                  "--strength", "3", "--model", m, "--out", out, "-q"],
-    "bad timestep": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={f / 'top.png'}") + ["--timestep", "2"],
-    "no cuda": lambda f, b, m, dirs, out: discover_args(f, m, out, f"top={f / 'top.png'}") + ["--device", "cuda:3"],
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_no_output(case, files, bad, small_dir, dirs_file, capsys, tmp_path):
-    if case == "no cuda" and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    out = tmp_path / ("out.safetensors" if CASES[case](files, bad, small_dir, dirs_file, tmp_path / "x.png")[0]
-                      == "discover" else "out.png")
-    args = CASES[case](files, bad, small_dir, dirs_file, out)
-    with pytest.raises(SystemExit) if case in ("strength nan", "bad timestep") else _no_raise():
-        code, _, err = run(args, capsys)
-        assert code == 2, (case, err)
-    if case in ("strength nan", "bad timestep"):  # argparse-level errors
-        err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, (case, err)
-    assert lines[0].startswith("localdiff") and "error" in lines[0], (case, err)
-    assert list(tmp_path.iterdir()) == [], (case, list(tmp_path.iterdir()))
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_sample_command(small_dir, tmp_path, capsys):

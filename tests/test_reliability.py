@@ -73,6 +73,7 @@ def world(tmp_path_factory, small_dir):
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(d / "empty.png")
     Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(d / "full.png")
     Image.fromarray(np.full((5, 5), 255, np.uint8)).save(d / "small_mask.png")
+    Image.new("I;16", (SIZE, SIZE)).save(d / "int_mask.png")
     (d / "notes.png").write_text("a text file named like an image")
     (d / "folder.png").mkdir()
     _png_header_only(d / "huge.png", 20000, 20000)
@@ -161,6 +162,8 @@ BAD = {
     "full mask": (lambda w: _discover(w, masks=("top=full.png",)), {}),
     "one-grey mask": (lambda w: _discover(w, masks=("top=grey.png",)), {}),
     "mask of another size": (lambda w: _discover(w, masks=("top=small_mask.png",)), {}),
+    "16-bit mask": (lambda w: _discover(w, masks=("top=int_mask.png",)), {}),
+    "mask without a name": (lambda w: _discover(w)[:-2] + ["--mask", w["d"] / "top.png"], {}),
     "identical masks": (lambda w: _discover(w, masks=("top=top.png", "again=top_again.png")), {}),
     "duplicate region name": (lambda w: _discover(w, masks=("top=top.png", "top=bottom.png")), {}),
     "bad region name": (lambda w: _discover(w, masks=("to p!=top.png",)), {}),

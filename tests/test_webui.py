@@ -97,10 +97,33 @@ def test_bad_requests_after_upload(ui_editor, face, tmp_path):
         webui.discover(ui_editor, s, 0.5, 2, 1, "lots")
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
-    with pytest.raises(LocalDiffError):
+    with pytest.raises(LocalDiffError, match="not an image") as err:
         webui.load_upload(ui_editor, s, str(notes))
+    assert str(tmp_path) not in str(err.value) and "notes" not in str(err.value)  # no temporary paths shown
 
 
-def test_app_builds(ui_editor):
-    app = webui.build_app(ui_editor)
-    assert app is not None
+def test_messages_for_the_page_carry_no_paths():
+    assert webui.friendly("mask /tmp/gradio/3f2a/mouth.png is empty") == "mask mouth.png is empty"
+    assert webui.friendly("k must be in 1..512, got 900") == "k must be in 1..512, got 900"
+
+
+def test_session_files_live_under_one_folder_and_go_with_the_session(ui_editor, face):
+    a, b = webui.Session(), webui.Session()
+    fa, fb = a.folder(), b.folder()
+    assert fa != fb and fa.parent == fb.parent == webui._root()
+    (fa / "edited.png").write_bytes(b"x")
+    a.close()
+    assert not fa.exists() and fb.is_dir()
+    b.close()
+
+
+def test_app_has_named_endpoints_and_the_cli_strength_range(ui_editor):
+    from localdiff.editor import EDIT_RANGE
+
+    config = webui.build_app(ui_editor).get_config_file()
+    names = [d.get("api_name") for d in config["dependencies"]]
+    assert names == ["upload", "sample", "template_regions", "add_region", "clear_regions", "discover", "edit",
+                     "sweep", "transfer"]
+    sliders = [c["props"] for c in config["components"] if str(c["props"].get("elem_id", "")).startswith("dir")]
+    assert len(sliders) == webui.MAX_SLIDERS
+    assert all((p["minimum"], p["maximum"]) == (-EDIT_RANGE, EDIT_RANGE) for p in sliders)

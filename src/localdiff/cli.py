@@ -17,7 +17,7 @@ import torch
 
 from localdiff.demo import DemoSettings
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.editor import DEFAULTS, EDIT_RANGE, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
@@ -25,7 +25,7 @@ from localdiff.model import default_model_path, load_model, quiet_diffusers
 
 log = logging.getLogger("localdiff")
 
-GRID_STRENGTH = 0.3
+GRID_STRENGTH = EDIT_RANGE
 GRID_COLUMNS = 5
 
 

@@ -52,6 +52,10 @@ DEFAULTS = dict(
     schedule="all",
 )
 
+# Edit strengths offered by default (grids, sweeps, the web UI's sliders): -0.3 .. +0.3 of |h|. Measured on the
+# default model: visible and mostly local at 0.25 (docs/defaults.md); beyond about 0.5 edits wreck the face.
+EDIT_RANGE = 0.3
+
 # Lighter discovery for the demo and the evaluation: k = 3 + 3 (a block of 6; k = 4 + 2 needs twice the iterations
 # on the default model) to an estimated 0.5 deg of the converged subspaces. About a third of the default's work.
 FAST_DISCOVERY = dict(k=3, oversample=3, individual_rank=2, tol_deg=0.5, max_iter=15)

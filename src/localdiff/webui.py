@@ -8,24 +8,26 @@ unit-tested without a browser; :func:`build_app` only wires them to components.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import re
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.editor import DEFAULTS, EDIT_RANGE, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import load_image, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_names, template_path
 from localdiff.sampling import generate, make_schedule
-from localdiff.viz import enlarge, heatmap, save_gif, symmetric_strengths
+from localdiff.viz import display_scale, enlarge, heatmap, save_gif, symmetric_strengths
 
 log = logging.getLogger("localdiff")
 
@@ -33,7 +35,18 @@ MAX_SLIDERS = 12
 MAX_UPLOAD = "10mb"
 MAX_PIXELS = 4096 * 4096
 COLORS = [(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
-STRENGTH_RANGE = 1.0
+STRENGTH_RANGE = EDIT_RANGE  # the sliders run over the CLI's default range
+
+# Every session's files live in one folder per server process, removed when the session ends and at exit.
+_ROOT: Path | None = None
+
+
+def _root() -> Path:
+    global _ROOT
+    if _ROOT is None or not _ROOT.is_dir():
+        _ROOT = Path(tempfile.mkdtemp(prefix="localdiff-ui-"))
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
 
 
 @dataclass
@@ -53,8 +66,14 @@ class Session:
 
     def folder(self) -> Path:
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="localdiff-ui-"))
+            self.workdir = Path(tempfile.mkdtemp(prefix="session-", dir=_root()))
         return self.workdir
+
+    def close(self) -> None:
+        """Remove the session's files (Gradio calls this when the browser session ends)."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
 
 # ---------------------------------------------------------------------- handlers (plain functions, tested)
@@ -77,7 +96,10 @@ def load_upload(editor: LocalEditor, session: Session, path: str | None) -> Imag
     """A new input image from an uploaded file: resets the regions and directions."""
     if not path:
         raise LocalDiffError("choose an image file to upload")
-    im = open_image(path, "the uploaded file")  # one-line error for anything PIL cannot read
+    try:
+        im = open_image(path, "the uploaded file")
+    except LocalDiffError:
+        raise LocalDiffError("the uploaded file is not an image localdiff can read; upload a PNG or JPEG") from None
     if im.size[0] * im.size[1] > MAX_PIXELS:
         raise LocalDiffError(f"the image is {im.size[0]}x{im.size[1]} pixels; the limit is 4096x4096")
     session.reset(load_image(im, editor.model.resolution, name="upload"))
@@ -127,14 +149,21 @@ def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
 
 
 def discover(editor: LocalEditor, session: Session, timestep: float, k: int, individual_rank: int,
-             joint_rank: str) -> list[str]:
-    """Discover local directions for the session's regions; returns the slider names ("region:index")."""
+             joint_rank: str, stage=None) -> list[str]:
+    """Discover local directions for the session's regions; returns the slider names ("region:index").
+
+    ``stage(fraction, text)``, if given, is told each stage as it starts (inversion, subspace iteration, JIVE)."""
     image = _need_image(session)
     if not session.masks:
         raise LocalDiffError("choose at least one region (a template or a painted one) before discovering")
     jr = None if str(joint_rank).strip().lower() in ("", "auto") else _int(joint_rank, "joint rank")
+    stage = stage or (lambda fraction, text: None)
+    stage(0.0, "inverting the image (DDIM)")
+    editor.invert(image)
+    stage(0.3, f"subspace iteration for {len(session.masks)} regions")
     session.directions = editor.discover(image, session.masks, timestep=float(timestep), k=int(k),
                                          individual_rank=int(individual_rank), joint_rank=jr)
+    stage(0.95, "JIVE split done; rendering")
     path = session.folder() / "directions.safetensors"
     session.directions.save(path)
     return [d.name for d in session.directions.local()][:MAX_SLIDERS]
@@ -174,12 +203,16 @@ def transfer(editor: LocalEditor, session: Session, target_path: str | None, dir
     if directions is None:
         raise LocalDiffError("discover directions first, or upload a directions file")
     directions.check_model(editor.model.fingerprint)
-    target = load_image(target_path, editor.model.resolution, name="transfer image")
+    try:
+        target = load_image(open_image(target_path, "the image to transfer to"), editor.model.resolution,
+                            name="transfer image")
+    except LocalDiffError:
+        raise LocalDiffError("the image to transfer to is not an image localdiff can read; upload a PNG or JPEG") from None
     return render(editor, session, values, image=target, directions=directions)
 
 
 def sweep_gif(editor: LocalEditor, session: Session, name: str, frames: int = 9) -> str:
-    """A GIF of direction ``name`` from -1 to +1 on the session's image; returns its path."""
+    """A GIF of direction ``name`` over the sliders' range on the session's image; returns its path."""
     image = _need_image(session)
     if session.directions is None:
         raise LocalDiffError("discover directions first")
@@ -197,35 +230,45 @@ def build_app(editor: LocalEditor):
 
     lock = threading.Lock()  # the editor's caches are shared; one request at a time uses them
 
-    def guarded(fn):
-        def run(*args):
+    def guarded(fn, n_outputs: int):
+        """Run a handler; a mistake becomes one friendly line (a toast), the server logs one line, and the
+        outputs are left as they were (no error badges)."""
+        def run(*args, **kwargs):
             try:
                 with lock:
-                    return fn(*args)
+                    return fn(*args, **kwargs)
             except LocalDiffError as exc:
-                raise gr.Error(str(exc)) from None
-            except Exception as exc:  # shown as one line in the page; the traceback goes to the server log
+                message = friendly(str(exc))
+                log.info("web UI: %s", message)
+            except Exception:  # a bug: the traceback goes to the server log, the user gets one line
                 log.exception("web UI request failed")
-                raise gr.Error(f"internal error: {type(exc).__name__}: {exc}") from None
+                message = "something went wrong inside localdiff; the server log has the details"
+            gr.Warning(message)
+            skipped = tuple(gr.skip() for _ in range(n_outputs))
+            return skipped if n_outputs != 1 else skipped[0]
         return run
 
-    with gr.Blocks(title="localdiff") as app:
-        state = gr.State(Session())
+    scale = display_scale(editor.model.resolution)
+    with gr.Blocks(title="localdiff", delete_cache=(3600, 3600)) as app:
+        state = gr.State(Session(), delete_callback=lambda s: s.close() if isinstance(s, Session) else None)
         gr.Markdown("## localdiff — local edits with a diffusion model\n"
                     f"Model `{editor.model.name}` ({editor.model.resolution} px, fingerprint "
                     f"`{editor.model.fingerprint}`). 1) upload or sample an image, 2) choose regions, 3) discover, "
                     "4) move the sliders.")
         with gr.Row():
             with gr.Column():
-                upload = gr.Image(type="filepath", label="upload an image", sources=["upload"], elem_id="upload",
-                                  height=256)
+                # a File, not an Image: gradio would decode an Image upload itself and show its own internal
+                # error for a file that is not one; load_upload says it in one line instead
+                upload = gr.File(label="upload an image (PNG, JPEG)", file_types=["image"], type="filepath",
+                                 elem_id="upload", height=120)
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     sample_btn = gr.Button("sample from the model", elem_id="sample")
                 templates = gr.CheckboxGroup(template_names(), label="template regions", elem_id="templates")
                 with gr.Accordion("paint a region", open=False):
                     painter = gr.ImageEditor(type="numpy", label="paint over the image", elem_id="painter",
-                                             brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
+                                             brush=gr.Brush(colors=["#ff0000"], color_mode="fixed",
+                                                            default_size=max(2, 2 * scale)))
                     region_name = gr.Textbox(label="region name", value="region1")
                     add_btn = gr.Button("add painted region")
                 clear_btn = gr.Button("clear regions")
@@ -251,7 +294,7 @@ def build_app(editor: LocalEditor):
                             interactive=False, elem_id="downloads")
         with gr.Accordion("transfer to another image", open=False):
             with gr.Row():
-                target = gr.Image(type="filepath", label="image to transfer to", sources=["upload"])
+                target = gr.File(label="image to transfer to (PNG, JPEG)", file_types=["image"], type="filepath")
                 dirs_file = gr.File(label="directions file (optional: else the current ones)",
                                     file_types=[".safetensors"], type="filepath")
             transfer_btn = gr.Button("apply the sliders to this image")
@@ -268,41 +311,57 @@ def build_app(editor: LocalEditor):
             def run(session, value):
                 view = fn(editor, session, value)
                 return session, view, view, *[gr.update(visible=False, value=0.0) for _ in sliders]
-            return guarded(run)
+            return run
 
         new_image_outputs = [state, regions_view, painter, *sliders]
-        upload.upload(on_image(load_upload), [state, upload], new_image_outputs)
-        sample_btn.click(on_image(sample_input), [state, seed], new_image_outputs)
-        templates.change(guarded(lambda s, names: (s, set_template_regions(editor, s, names))),
-                         [state, templates], [state, regions_view])
-        add_btn.click(guarded(lambda s, p, n: (s, add_painted_region(editor, s, p, n))),
-                      [state, painter, region_name], [state, regions_view])
-        clear_btn.click(guarded(lambda s: (s, clear_regions(editor, s))), [state], [state, regions_view])
+        upload.upload(guarded(on_image(load_upload), len(new_image_outputs)), [state, upload], new_image_outputs,
+                      api_name="upload")
+        sample_btn.click(guarded(on_image(sample_input), len(new_image_outputs)), [state, seed], new_image_outputs,
+                         api_name="sample")
+        templates.change(guarded(lambda s, names: (s, set_template_regions(editor, s, names)), 2),
+                         [state, templates], [state, regions_view], api_name="template_regions")
+        add_btn.click(guarded(lambda s, p, n: (s, add_painted_region(editor, s, p, n)), 2),
+                      [state, painter, region_name], [state, regions_view], api_name="add_region")
+        clear_btn.click(guarded(lambda s: (s, clear_regions(editor, s)), 2), [state], [state, regions_view],
+                        api_name="clear_regions")
 
         def on_discover(session, t, kk, ir, jr, progress=gr.Progress(track_tqdm=True)):
-            names = discover(editor, session, t, kk, ir, jr)
+            editor.progress = True  # its bars (inversion, subspace iteration i/N) show in the page
+            try:
+                names = discover(editor, session, t, kk, ir, jr, stage=lambda f, text: progress(f, desc=text))
+            finally:
+                editor.progress = False
             ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
                    for i in range(MAX_SLIDERS)]
             views = render(editor, session, [0.0] * len(names))
-            msg = (f"found {len(names)} local directions ({', '.join(names)}); joint rank "
+            its = session.directions.meta.get("iterations", {})
+            msg = (f"found {len(names)} local directions ({', '.join(names)}); subspace iterations "
+                   f"{', '.join(f'{r} {n}' for r, n in its.items())}; JIVE joint rank "
                    f"{session.directions.meta['joint_rank']}. Move a slider to edit.")
             return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
                     files(session))
 
-        discover_btn.click(guarded(on_discover), [state, timestep, k, ind_rank, joint],
-                           [state, status, *sliders, original, edited, diff, sweep_name, downloads])
+        discover_outputs = [state, status, *sliders, original, edited, diff, sweep_name, downloads]
+        discover_btn.click(guarded(on_discover, len(discover_outputs)), [state, timestep, k, ind_rank, joint],
+                           discover_outputs, api_name="discover")
 
         def on_slide(session, *values):
             return (session, *render(editor, session, values), files(session))
 
-        for s in sliders:
-            s.release(guarded(on_slide), [state, *sliders], [state, original, edited, diff, downloads])
+        gr.on([s.release for s in sliders], guarded(on_slide, 5), [state, *sliders],
+              [state, original, edited, diff, downloads], api_name="edit")
 
-        sweep_btn.click(guarded(lambda s, n: (s, (sweep_gif(editor, s, n), files(s))[1])),
-                        [state, sweep_name], [state, downloads])
-        transfer_btn.click(guarded(lambda s, t, f, *v: (s, *transfer(editor, s, t, f, v))),
-                           [state, target, dirs_file, *sliders], [state, t_original, t_edited, t_diff])
+        sweep_btn.click(guarded(lambda s, n: (s, (sweep_gif(editor, s, n), files(s))[1]), 2),
+                        [state, sweep_name], [state, downloads], api_name="sweep")
+        transfer_btn.click(guarded(lambda s, t, f, *v: (s, *transfer(editor, s, t, f, v)), 4),
+                           [state, target, dirs_file, *sliders], [state, t_original, t_edited, t_diff],
+                           api_name="transfer")
     return app
+
+
+def friendly(message: str) -> str:
+    """A message for the page: file paths shortened to their names (no temporary folders shown)."""
+    return re.sub(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\]+)+[/\\]([^\s/\\]+)", r"\1", message)
 
 
 def serve(editor: LocalEditor, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
