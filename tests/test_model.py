@@ -86,3 +86,19 @@ def test_unsupported_models_are_rejected(tmp_path):
     (cfg / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(LocalDiffError, match="UNet2DConditionModel"):
         load_model(tmp_path / "sd")
+
+
+def test_from_pretrained_without_a_source_loads_the_embedded_model_quietly(capfd):
+    from diffusers.utils import logging as dlogging
+
+    from localdiff import LocalEditor
+    from localdiff.model import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("no embedded default model in this install")
+    before = dlogging.get_verbosity()
+    editor = LocalEditor.from_pretrained()
+    captured = capfd.readouterr()
+    assert editor.model.resolution == 64 and editor.model.name == str(default_model_path())
+    assert "accelerate" not in captured.err + captured.out and "float32" not in captured.err + captured.out
+    assert dlogging.get_verbosity() == before  # the user's diffusers logging is left as it was

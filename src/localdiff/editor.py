@@ -101,9 +101,8 @@ class LocalEditor:
     def from_pretrained(cls, source=None, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
         """Load a model (hub id or local folder; none: the embedded default model) and wrap it; ``kwargs`` go to
         :class:`LocalEditor`. Diffusers' loading chatter is silenced."""
-        from localdiff.model import default_model_path, quiet_diffusers
+        from localdiff.model import default_model_path
 
-        quiet_diffusers()
         if source is None:
             source = default_model_path()
             if source is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,14 +155,33 @@ def quiet_diffusers() -> None:
         dlogging.set_verbosity_error()
 
 
+@contextmanager
+def _diffusers_errors_only():
+    """Within the block, diffusers logs errors only (its loading hints are not for our users); restored after."""
+    from diffusers.utils import logging as dlogging
+
+    before = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(before)
+
+
 # ---------------------------------------------------------------------- loading
 def load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> DiffusionModel:
     """Load an unconditional diffusers model from a hub id or a local folder.
 
     The folder (or hub repository) is a saved ``DDPMPipeline``/``DDIMPipeline`` or any layout with ``unet/``
     and ``scheduler/`` subfolders; a bare ``UNet2DModel`` folder (``config.json`` + weights) is accepted too
-    and gets a default linear DDPM schedule. Weights load through diffusers' own ``from_pretrained``.
+    and gets a default linear DDPM schedule. Weights load through diffusers' own ``from_pretrained``; its
+    loading hints ("accelerate not found", dtype notes) are silenced.
     """
+    with _diffusers_errors_only():
+        return _load_model(source, device=device, dtype=dtype)
+
+
+def _load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> DiffusionModel:
     from diffusers import DDIMScheduler, UNet2DModel
 
     source_str = str(source)
