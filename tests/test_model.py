@@ -67,7 +67,7 @@ def test_refusals(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(LocalDiffError, match="not found"):
         load_model(tmp_path / "missing")
-    with pytest.raises(LocalDiffError, match="could not load"):
+    with pytest.raises(LocalDiffError, match="not in the local Hugging Face cache"):
         load_model("nobody-here/no-such-model-xyz")
 
 
