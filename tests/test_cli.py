@@ -136,3 +136,21 @@ def test_template_masks_by_name(small_dir, files, tmp_path, capsys):
     from localdiff import Directions
 
     assert Directions.load(out).regions == ["eyes", "mouth"]
+
+
+def test_interrupting_the_grid_keeps_the_finished_discovery(files, small_dir, tmp_path, capsys, monkeypatch):
+    import localdiff.viz
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(localdiff.viz, "edit_grid", interrupted)
+    out, grid = tmp_path / "d.safetensors", tmp_path / "grid.png"
+    code, _, err = run(["discover", files / "face.png", "--mask", f"top={files / 'top.png'}", "--model", small_dir,
+                        "--steps", "3", "--k", "2", "--individual-rank", "1", "--max-iter", "2", "--out", out,
+                        "--grid", grid, "-q"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert out.is_file() and not grid.exists()
+    from localdiff import Directions
+
+    assert Directions.load(out).regions == ["top"]
