@@ -24,35 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-from localdiff.facegan import EVAL_SEED_START, FaceGAN  # noqa: E402
-from localdiff.metrics import swd  # noqa: E402
+from localdiff.facegan import SWD_FLOOR_SEEDS, SWD_REFERENCE_SEEDS, VALIDATION_SEEDS, FaceGAN  # noqa: E402
+from localdiff.metrics import heldout_eps_mse, swd  # noqa: E402
 from localdiff.model import default_model_path, load_model  # noqa: E402
 from localdiff.sampling import generate, make_schedule  # noqa: E402
-
-# Disjoint evaluation-seed ranges (the 32-face evaluation and the example faces use the first ones).
-REFERENCE_SEEDS = EVAL_SEED_START + 100_000  # the SWD reference set
-FLOOR_SEEDS = EVAL_SEED_START + 200_000  # the second GAN set of the floor row
-VALIDATION_SEEDS = EVAL_SEED_START + 300_000  # held-out epsilon MSE
-
-
-def gan_faces(gan: FaceGAN, start: int, n: int, batch: int = 256) -> torch.Tensor:
-    return torch.cat([gan.faces(range(s, min(s + batch, start + n))) for s in range(start, start + n, batch)])
-
-
-@torch.no_grad()
-def validation_mse(unet, alphas_cumprod: torch.Tensor, faces: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean epsilon MSE on ``faces`` at evenly spread timesteps with fixed noise (the same for every model)."""
-    n = faces.shape[0]
-    t = (torch.arange(n) * 997) % 1000  # every timestep range, deterministically
-    noise = torch.randn(faces.shape, generator=torch.Generator().manual_seed(1234))
-    total = 0.0
-    for s in range(0, n, batch_size):
-        x0, e, ts = faces[s:s + batch_size], noise[s:s + batch_size], t[s:s + batch_size]
-        a = alphas_cumprod[ts].float()[:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * e
-        pred = unet(xt.to(unet.device, unet.dtype), ts.to(unet.device)).sample.float().cpu()
-        total += float((pred - e).pow(2).mean(dim=(1, 2, 3)).sum())
-    return total / n
 
 
 def main(argv=None) -> None:
@@ -74,10 +49,10 @@ def main(argv=None) -> None:
     print(f"SWD x1e3 on Laplacian-pyramid 7x7 patches, {args.n} images per set, DDIM {args.steps} steps; "
           f"held-out eps MSE on {args.val_n} faces\n")
     gan = FaceGAN()
-    reference = gan_faces(gan, REFERENCE_SEEDS, args.n)
-    validation = gan_faces(gan, VALIDATION_SEEDS, args.val_n)
+    reference = gan.face_range(SWD_REFERENCE_SEEDS, args.n)
+    validation = gan.face_range(VALIDATION_SEEDS, args.val_n)
     rows = []
-    floor = swd(gan_faces(gan, FLOOR_SEEDS, args.n), reference)
+    floor = swd(gan.face_range(SWD_FLOOR_SEEDS, args.n), reference)
     levels = [k for k in floor if k != "mean"]
     header = "| set | " + " | ".join(f"SWD {k}" for k in levels) + " | SWD mean | held-out eps MSE | seconds |"
     rows.append(header)
@@ -94,7 +69,9 @@ def main(argv=None) -> None:
             args.save_samples.mkdir(parents=True, exist_ok=True)
             image_grid(samples[:16], columns=4).save(args.save_samples / f"{name}.png")
         score = swd(samples, reference)
-        mse = validation_mse(model.unet, model.scheduler.alphas_cumprod, validation)
+        unet = model.unet
+        mse = heldout_eps_mse(lambda x, t: unet(x.to(unet.device, unet.dtype), t.to(unet.device)).sample,
+                              model.scheduler.alphas_cumprod, validation)
         rows.append(f"| {name} | " + " | ".join(f"{score[k]:.1f}" for k in levels)
                     + f" | {score['mean']:.1f} | {mse:.4f} | {time.perf_counter() - t0:.0f} |")
         print(rows[-1], flush=True)

@@ -114,3 +114,15 @@ def test_swd_is_zero_on_identical_sets_and_grows_with_a_distribution_shift():
     assert metrics.swd(a, blurred)["32px"] > 1.3 * metrics.swd(a, b)["32px"]  # blobs are smooth already
     with pytest.raises(ValueError):
         metrics.swd(a, b[:10])
+
+
+def test_heldout_eps_mse_is_zero_for_the_true_noise_and_one_for_zeros():
+    alphas = torch.linspace(0.999, 0.01, 1000)
+    images = torch.zeros(20, 3, 8, 8)  # x_t = sqrt(1 - a) eps, so eps is known exactly
+
+    def exact(x, t):
+        return x / (1 - alphas[t])[:, None, None, None].sqrt()
+
+    assert metrics.heldout_eps_mse(exact, alphas, images, batch_size=7) < 1e-10
+    zero = metrics.heldout_eps_mse(lambda x, t: torch.zeros_like(x), alphas, images)
+    assert abs(zero - 1.0) < 0.1
