@@ -63,6 +63,92 @@ def auto_joint_rank(blocks: list[Tensor], max_angle_deg: float = 30.0) -> int:
     return rank
 
 
+@dataclass
+class JointRankEstimate:
+    """AJIVE's choice of the joint rank (Feng et al. 2018) and the numbers behind it."""
+
+    rank: int
+    joint: Tensor  # (rank, d) orthonormal rows: the kept candidates
+    squared_singular_values: Tensor  # lambda^2 of the stacked signal bases, in [0, number of blocks]
+    random_bound: float  # percentile of lambda_max^2 for random subspaces of the same ranks
+    wedin_bound: float  # percentile of K - sum_k sin^2(theta_k), the noise-perturbation lower bound
+    signal_thresholds: list[float]  # per block: halfway between the last signal and the first noise singular value
+    dropped: int  # candidates above both bounds removed by the identifiability check
+
+    @property
+    def threshold(self) -> float:
+        return max(self.random_bound, self.wedin_bound)
+
+
+def _orthonormal_complement_samples(basis: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` random orthonormal (dim, r) frames orthogonal to the columns of ``basis`` (dim, r): (n, dim, r)."""
+    dim, r = basis.shape
+    z = torch.randn(n, dim, r, generator=generator, dtype=basis.dtype)
+    z = z - basis @ (basis.T @ z)
+    return torch.linalg.qr(z)[0]
+
+
+def ajive_joint_rank(blocks: list[Tensor], signal_ranks: list[int], *, samples: int = 1000,
+                     random_percentile: float = 95.0, wedin_percentile: float = 5.0, chunk: int = 50,
+                     seed: int = 0) -> JointRankEstimate:
+    """Joint rank by AJIVE's two bounds (Feng, Jiang, Hannig & Marron 2018), for blocks ``X_k`` (n_k, d) that
+    share their columns.
+
+    Each block's signal row space is its top ``signal_ranks[k]`` right singular vectors V_k. The squared singular
+    values lambda^2 of the stack [V_1, ..., V_K] lie in [0, K]; a direction in every V_k scores K. A candidate is
+    joint when its lambda^2 exceeds both
+
+    * the **random-direction bound**: the ``random_percentile`` of lambda_max^2 when the V_k are random subspaces
+      of the same ranks (what chance alignment gives), and
+    * the **Wedin bound**: the ``wedin_percentile`` of K - sum_k sin^2(theta_k), where sin(theta_k) bounds how far
+      noise can turn block k's signal space (Wedin's theorem; the noise's action is resampled on random frames
+      orthogonal to the signal spaces, as in the paper);
+
+    and, the identifiability check, when it carries more than the noise level of every block (|X_k w| above the
+    block's signal threshold). Blocks should be normalised alike (e.g. by their Frobenius norms) beforehand.
+    """
+    k_blocks = len(blocks)
+    if k_blocks < 2:
+        raise ValueError("a joint rank needs at least two blocks")
+    if len(signal_ranks) != k_blocks:
+        raise ValueError("one signal rank per block is needed")
+    g = torch.Generator().manual_seed(seed)
+    xs = [x.to(torch.float64) for x in blocks]
+    d = xs[0].shape[1]
+    bases, u_bases, sigmas, thresholds = [], [], [], []
+    for x, r in zip(xs, signal_ranks):
+        if not 1 <= r < min(x.shape):
+            raise ValueError(f"signal rank {r} must be in 1..{min(x.shape) - 1} for a block of shape {tuple(x.shape)}")
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        bases.append(vh[:r].T)
+        u_bases.append(u[:, :r])
+        sigmas.append(s)
+        thresholds.append(float(s[r - 1] + s[r]) / 2)
+    stacked = torch.cat(bases, dim=1)
+    cand, lam, _ = torch.linalg.svd(stacked, full_matrices=False)
+    lam2 = lam**2
+
+    random_max, wedin = [], []
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        frames = [torch.linalg.qr(torch.randn(n, d, r, generator=g, dtype=torch.float64))[0] for r in signal_ranks]
+        random_max.append(torch.linalg.matrix_norm(torch.cat(frames, dim=2), ord=2) ** 2)
+        sin2 = torch.zeros(n, dtype=torch.float64)
+        for x, v, u, s, r in zip(xs, bases, u_bases, sigmas, signal_ranks):
+            right = torch.linalg.matrix_norm(x @ _orthonormal_complement_samples(v, n, g), ord=2)
+            left = torch.linalg.matrix_norm(x.T @ _orthonormal_complement_samples(u, n, g), ord=2)
+            sin2 += (torch.maximum(right, left) / s[r - 1]).clamp(max=1.0) ** 2
+        wedin.append(k_blocks - sin2)
+    random_bound = float(torch.quantile(torch.cat(random_max), random_percentile / 100))
+    wedin_bound = float(torch.quantile(torch.cat(wedin), wedin_percentile / 100))
+    above = int((lam2 > max(random_bound, wedin_bound)).sum())
+    # identifiability: a joint direction must carry more than the noise level of every block
+    keep = [j for j in range(above)
+            if all(float(torch.linalg.norm(x @ cand[:, j])) >= t for x, t in zip(xs, thresholds))]
+    return JointRankEstimate(len(keep), cand[:, keep].T.contiguous(), lam2, random_bound, wedin_bound, thresholds,
+                             above - len(keep))
+
+
 def jive(
     blocks: list[Tensor],
     joint_rank: int | None,
