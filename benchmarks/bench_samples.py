@@ -25,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from localdiff.facegan import SWD_FLOOR_SEEDS, SWD_REFERENCE_SEEDS, VALIDATION_SEEDS, FaceGAN  # noqa: E402
-from localdiff.metrics import heldout_eps_mse, swd  # noqa: E402
+from localdiff.metrics import heldout_eps_errors, swd  # noqa: E402
 from localdiff.model import default_model_path, load_model  # noqa: E402
 from localdiff.sampling import generate, make_schedule  # noqa: E402
+
+
+T_BUCKETS = ((0, 300), (300, 700), (700, 1000))  # low, middle and high noise
 
 
 def main(argv=None) -> None:
@@ -54,7 +57,8 @@ def main(argv=None) -> None:
     rows = []
     floor = swd(gan.face_range(SWD_FLOOR_SEEDS, args.n), reference)
     levels = [k for k in floor if k != "mean"]
-    header = "| set | " + " | ".join(f"SWD {k}" for k in levels) + " | SWD mean | held-out eps MSE | seconds |"
+    header = ("| set | " + " | ".join(f"SWD {k}" for k in levels)
+              + " | SWD mean | held-out eps MSE (t < 300 / 300-700 / 700+) | seconds |")
     rows.append(header)
     rows.append("|---" * (len(levels) + 4) + "|")
     rows.append("| GAN vs GAN (floor) | " + " | ".join(f"{floor[k]:.1f}" for k in levels) + f" | {floor['mean']:.1f} | – | – |")
@@ -70,10 +74,11 @@ def main(argv=None) -> None:
             image_grid(samples[:16], columns=4).save(args.save_samples / f"{name}.png")
         score = swd(samples, reference)
         unet = model.unet
-        mse = heldout_eps_mse(lambda x, t: unet(x.to(unet.device, unet.dtype), t.to(unet.device)).sample,
-                              model.scheduler.alphas_cumprod, validation)
+        errors, t = heldout_eps_errors(lambda x, t: unet(x.to(unet.device, unet.dtype), t.to(unet.device)).sample,
+                                       model.scheduler.alphas_cumprod, validation)
+        buckets = " / ".join(f"{float(errors[(t >= lo) & (t < hi)].mean()):.4f}" for lo, hi in T_BUCKETS)
         rows.append(f"| {name} | " + " | ".join(f"{score[k]:.1f}" for k in levels)
-                    + f" | {score['mean']:.1f} | {mse:.4f} | {time.perf_counter() - t0:.0f} |")
+                    + f" | {score['mean']:.1f} | {float(errors.mean()):.4f} ({buckets}) | {time.perf_counter() - t0:.0f} |")
         print(rows[-1], flush=True)
 
 

@@ -129,3 +129,5 @@ def test_heldout_eps_mse_is_zero_for_the_true_noise_and_one_for_zeros():
     assert metrics.heldout_eps_mse(exact, alphas, images, batch_size=7) < 1e-10
     zero = metrics.heldout_eps_mse(lambda x, t: torch.zeros_like(x), alphas, images)
     assert abs(zero - 1.0) < 0.1
+    errors, t = metrics.heldout_eps_errors(lambda x, t: torch.zeros_like(x), alphas, images, batch_size=7)
+    assert errors.shape == t.shape == (20,) and len(set(t.tolist())) == 20 and abs(float(errors.mean()) - zero) < 1e-6

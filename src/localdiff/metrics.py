@@ -200,16 +200,23 @@ def swd(images_a: Tensor, images_b: Tensor, *, num_levels: int | None = None, pa
 
 
 @torch.no_grad()
-def heldout_eps_mse(eps_fn, alphas_cumprod: Tensor, images: Tensor, *, batch_size: int = 64, seed: int = 1234) -> float:
-    """Epsilon-prediction MSE of ``eps_fn(x_t, t)`` on held-out ``images`` (N, C, H, W): image i is noised at
-    timestep (997 i) mod T with noise fixed by ``seed``, so every model is scored on the same inputs."""
+def heldout_eps_errors(eps_fn, alphas_cumprod: Tensor, images: Tensor, *, batch_size: int = 64,
+                       seed: int = 1234) -> tuple[Tensor, Tensor]:
+    """Per-image epsilon-prediction MSE of ``eps_fn(x_t, t)`` on held-out ``images`` (N, C, H, W), and the
+    timesteps: image i is noised at timestep floor((i + 1/2) T / N) (evenly over 0 .. T-1) with noise fixed by
+    ``seed``, so every model is scored on the same inputs. Returns ``(errors (N,), timesteps (N,))``."""
     n, num_t = images.shape[0], alphas_cumprod.shape[0]
-    t = (torch.arange(n) * 997) % num_t
+    t = ((2 * torch.arange(n) + 1) * num_t) // (2 * n)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    total = 0.0
+    errors = []
     for s in range(0, n, batch_size):
         x0, e, ts = images[s:s + batch_size], noise[s:s + batch_size], t[s:s + batch_size]
         a = alphas_cumprod[ts].to(x0.dtype)[:, None, None, None]
         pred = eps_fn(a.sqrt() * x0 + (1 - a).sqrt() * e, ts).float().cpu()
-        total += float((pred - e).pow(2).mean(dim=(1, 2, 3)).sum())
-    return total / n
+        errors.append((pred - e).pow(2).mean(dim=(1, 2, 3)))
+    return torch.cat(errors), t
+
+
+def heldout_eps_mse(eps_fn, alphas_cumprod: Tensor, images: Tensor, **kwargs) -> float:
+    """Mean of :func:`heldout_eps_errors`: one number per model, lower is better."""
+    return float(heldout_eps_errors(eps_fn, alphas_cumprod, images, **kwargs)[0].mean())
