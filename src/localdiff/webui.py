@@ -251,8 +251,12 @@ def build_app(editor: LocalEditor):
     scale = display_scale(editor.model.resolution)
     with gr.Blocks(title="localdiff", delete_cache=(3600, 3600)) as app:
         state = gr.State(Session(), delete_callback=lambda s: s.close() if isinstance(s, Session) else None)
+        from localdiff.model import default_model_path
+
+        is_default = default_model_path() is not None and editor.model.name == str(default_model_path())
+        model_name = "the embedded default model" if is_default else f"`{editor.model.name}`"
         gr.Markdown("## localdiff — local edits with a diffusion model\n"
-                    f"Model `{editor.model.name}` ({editor.model.resolution} px, fingerprint "
+                    f"Model: {model_name} ({editor.model.resolution} px, fingerprint "
                     f"`{editor.model.fingerprint}`). 1) upload or sample an image, 2) choose regions, 3) discover, "
                     "4) move the sliders.")
         with gr.Row():
