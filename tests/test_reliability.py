@@ -201,6 +201,7 @@ UNUSUAL = {
     "RGBA image": (lambda w: _edit(w, image="rgba.png"), "alpha channel is dropped"),
     "palette image": (lambda w: _edit(w, image="palette.png"), None),
     "animated GIF": (lambda w: _edit(w, image="animated.gif"), "using the first"),
+    "float16 on the CPU": (lambda w: _edit(w, "--dtype", "float16"), "float16 on the CPU is about 20 times slower"),
 }
 
 
