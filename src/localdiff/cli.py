@@ -223,9 +223,6 @@ def _editor(args, num_steps: int) -> LocalEditor:
         log.warning("note: float16 on the CPU is about 20 times slower than float32 (the CPU has no fast float16 "
                     "kernels); use --dtype float32 here, float16 on a GPU")
     model = load_model(source, device=device, dtype=dtype)
-    if num_steps is not None and num_steps > model.num_train_timesteps:
-        raise LocalDiffError(f"--steps {num_steps} is more than the model's {model.num_train_timesteps} training "
-                             f"steps; 20-100 is usual")
     return LocalEditor(model, num_steps=num_steps, progress=not args.quiet)
 
 

@@ -204,8 +204,7 @@ def transfer(editor: LocalEditor, session: Session, target_path: str | None, dir
         raise LocalDiffError("discover directions first, or upload a directions file")
     directions.check_model(editor.model.fingerprint)
     try:
-        target = load_image(open_image(target_path, "the image to transfer to"), editor.model.resolution,
-                            name="transfer image")
+        target = load_image(target_path, editor.model.resolution, name="transfer image")
     except LocalDiffError:
         raise LocalDiffError("the image to transfer to is not an image localdiff can read; upload a PNG or JPEG") from None
     return render(editor, session, values, image=target, directions=directions)
