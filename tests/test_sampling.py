@@ -91,6 +91,55 @@ def test_alpha_zero_edit_is_the_reconstruction(editor, discovered):
         assert torch.equal(out[0], inv.reconstruction[0])
 
 
+def test_sampling_path_reproduces_the_reconstruction_at_zero_strength(editor, discovered):
+    """Not the shortcut: resuming the cached trajectory at any step with a zero offset gives the reconstruction bit
+    for bit, and a tiny strength through render's sampling path stays next to it."""
+    inv = editor.invert(texture())
+    zeros = torch.zeros_like(inv.hs[0])
+    for start in (0, 4, 9):
+        again, _, _ = ddim_sample(editor.model, inv.xs[start], inv.schedule, start=start, delta_h=lambda i: zeros)
+        assert torch.equal(again, inv.reconstruction)
+    d = discovered["mouth"][0]
+    tiny = editor.render(texture(), [[(d, 1e-6)]], schedule="window")[0]
+    assert 0 < (tiny - inv.reconstruction[0]).abs().max() < 1e-4
+
+
+def test_asymmetric_step_formula(editor, discovered):
+    """Asyrp's step: the edited eps forms x0, the unedited eps the direction term, checked by hand on one step
+    (not the last, where alpha_next = 1 leaves no direction term)."""
+    model, inv = editor.model, editor.invert(texture())
+    i = 4
+    x, t = inv.xs[i], inv.schedule.timesteps[i]
+    dh = 0.3 * discovered.unit * discovered["mouth"][0].vector.reshape(inv.hs[0].shape)
+    with torch.no_grad():
+        enc = model.encode(x, t)
+        eps_edit = model.decode(enc.h + dh, enc.skips, enc.temb)
+        eps_plain = model.decode(enc.h, enc.skips, enc.temb)
+    a, a_next = float(inv.schedule.alpha[i]), float(inv.schedule.alpha_next[i])
+    expected = a_next**0.5 * (x - (1 - a) ** 0.5 * eps_edit) / a**0.5 + (1 - a_next) ** 0.5 * eps_plain
+    asym, _, _ = ddim_sample(model, x, inv.schedule, start=i, stop=i + 1, delta_h=lambda _: dh, asymmetric=True)
+    sym, _, _ = ddim_sample(model, x, inv.schedule, start=i, stop=i + 1, delta_h=lambda _: dh)
+    assert (asym - expected).abs().max() < 1e-5
+    assert (sym - expected).abs().max() > 1e-3
+
+
+def test_composed_directions_each_keep_their_own_timestep(editor, discovered):
+    """A direction found at another timestep is applied in its own window, not the first direction's."""
+    from dataclasses import replace
+
+    a = discovered["mouth"][0]
+    late = replace(discovered["eyes"][0], timestep_fraction=0.2)
+    both = editor.render(texture(), [[(a, 0.2), (late, 0.2)]], schedule="single")[0]
+    inv = editor.invert(texture())
+    s_a, s_late = inv.schedule.index_of(a.timestep_fraction), inv.schedule.index_of(0.2)
+    assert s_a != s_late
+    da = 0.2 * a.unit * a.vector.reshape(inv.hs[0].shape)
+    dl = 0.2 * late.unit * late.vector.reshape(inv.hs[0].shape)
+    expected, _, _ = ddim_sample(editor.model, inv.xs[s_a], inv.schedule, start=s_a,
+                                 delta_h=lambda i: da if i == s_a else dl if i == s_late else None)
+    assert (both - expected[0]).abs().max() < 1e-5
+
+
 def test_edit_schedules_differ_and_single_skips_early_steps(editor, discovered):
     d = discovered["mouth"][0]
     outs = {s: editor.render(texture(), [[(d, 0.3)]], schedule=s)[0] for s in ("all", "window", "single")}

@@ -45,7 +45,7 @@ class Direction:
     sigma: float
     unit: float  # strength 1 adds ``unit * vector`` to h: the norm of h at discovery
     fingerprint: str  # the model it belongs to
-    timestep_fraction: float = 0.5  # where it was discovered (fraction of T); used by the window/single schedules
+    timestep_fraction: float  # where it was discovered (fraction of T); edits start there under window/single
 
     @property
     def name(self) -> str:

@@ -284,7 +284,8 @@ class LocalEditor:
         """Regenerate ``image`` once per entry of ``edits`` (a list of (direction, strength) pairs each), batched.
 
         Returns (B, C, R, R) in [-1, 1]. ``schedule``: ``all`` steps, ``window`` (from T down to the discovery
-        timestep) or ``single`` (the discovery timestep only); ``timestep`` overrides the directions' own.
+        timestep) or ``single`` (the discovery timestep only), each direction at its own discovery timestep;
+        ``timestep`` overrides the directions' own.
         An entry with no edits (or only zero strengths) is the unedited reconstruction, bit for bit.
         """
         if schedule not in EDIT_SCHEDULES:
@@ -306,27 +307,33 @@ class LocalEditor:
             raise LocalDiffError(
                 f"directions have {h_numel} h-space dimensions but this model's h has {inv.hs[0][0].numel()}"
             )
-        deltas = torch.zeros(len(edits), *inv.hs[0].shape[1:], device=model.device, dtype=model.dtype)
-        fractions = []
+        # Each direction is applied at the steps its own discovery timestep (or ``timestep``) selects, so edits
+        # composed from directions found at different timesteps each keep their own window.
+        shape = inv.hs[0].shape[1:]
+        per_step: dict[int, Tensor] = {}
         for b, edit in enumerate(edits):
             for direction, strength in edit:
-                if strength != 0:
-                    v = direction.vector.to(model.device, model.dtype).reshape(deltas.shape[1:])
-                    deltas[b] += float(strength) * direction.unit * v
-            fractions += [d.timestep_fraction for d, _ in edit]
+                if strength == 0:
+                    continue
+                v = direction.vector.to(model.device, model.dtype).reshape(shape)
+                frac = timestep if timestep is not None else direction.timestep_fraction
+                for i in edit_steps(inv.schedule, schedule, inv.schedule.index_of(frac)):
+                    if i not in per_step:
+                        per_step[i] = torch.zeros(len(edits), *shape, device=model.device, dtype=model.dtype)
+                    per_step[i][b] += float(strength) * direction.unit * v
         result = inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
-        edited = deltas.flatten(1).ne(0).any(dim=1)  # rows with no offset *are* the reconstruction
-        if not edited.any():
+        if not per_step:
             return result
-        frac = timestep if timestep is not None else fractions[0]
-        steps = set(edit_steps(inv.schedule, schedule, inv.schedule.index_of(frac)))
-        start = min(steps)  # before the first edited step the trajectory is the cached one
-        active = deltas[edited]
+        edited = torch.stack([d.flatten(1).ne(0).any(dim=1) for d in per_step.values()]).any(dim=0)
+        if not edited.any():  # rows with no offset *are* the reconstruction
+            return result
+        start = min(per_step)  # before the first edited step the trajectory is the cached one
+        active = {i: d[edited] for i, d in per_step.items()}
 
         def delta_h(i: int):
-            return active if i in steps else None
+            return active.get(i)
 
-        x_start = inv.xs[start].expand(len(active), -1, -1, -1)
+        x_start = inv.xs[start].expand(int(edited.sum()), -1, -1, -1)
         out, _, _ = ddim_sample(model, x_start, inv.schedule, start=start, delta_h=delta_h, asymmetric=asymmetric,
                                 progress=self.progress)
         result[edited] = out

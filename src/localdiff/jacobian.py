@@ -75,6 +75,13 @@ def orthonormal_rows(x: Tensor) -> Tensor:
     return q.transpose(-1, -2)
 
 
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for the small linear algebra (QR, Ritz rotations, JIVE) next to a model running in ``dtype``:
+    float32 for the half types (CPU LAPACK has no bf16/fp16 QR, and their precision is too low for
+    orthonormalisation), else ``dtype`` itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def remaining_angle(move: float, previous_move: float | None) -> float:
     """Estimated angle (degrees) still to go for a geometrically converging iteration whose last two moves were
     ``previous_move`` and ``move``: ``move * rho / (1 - rho)`` with ``rho = move / previous_move``; ``inf`` when
@@ -114,19 +121,21 @@ def subspace_iteration(
     (m, dim). All still-unconverged regions share one batched call of each per iteration; a region stops
     iterating once converged: when :func:`remaining_angle` of its last two moves is below ``tol_deg``, or its
     move is below ``tol_deg / 10`` (at the float noise floor the moves stop shrinking). ``seed`` fixes the start,
-    independent of ``device``.
+    independent of ``device``. ``dtype`` is the model's: tangents and cotangents go to ``jvp``/``vjp`` in it, while
+    the orthonormalisation and the results use :func:`linalg_dtype` (float32 for bfloat16/float16 models).
     """
     n_regions = masks.shape[0]
     q = min(k + oversample, dim)
     if not 1 <= k <= q:
         raise ValueError(f"k must be in 1..{dim}, got {k}")
-    masks = masks.to(device=device, dtype=dtype)
+    work = linalg_dtype(dtype)
+    masks = masks.to(device=device, dtype=work)
     gen = torch.Generator().manual_seed(seed)
     start = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64)
-    v = orthonormal_rows(start).to(device=device, dtype=dtype)
+    v = orthonormal_rows(start).to(device=device, dtype=work)
 
-    vectors = torch.zeros(n_regions, k, dim, dtype=dtype, device=device)
-    sigma = torch.zeros(n_regions, k, dtype=dtype, device=device)
+    vectors = torch.zeros(n_regions, k, dim, dtype=work, device=device)
+    sigma = torch.zeros(n_regions, k, dtype=work, device=device)
     iterations = [0] * n_regions
     converged = [False] * n_regions
     last_angle = [float("nan")] * n_regions
@@ -137,21 +146,22 @@ def subspace_iteration(
     bar = tqdm(total=max_iter, desc="subspace iteration", disable=not progress, leave=False)
     for it in range(1, max_iter + 1):
         va = v[active]  # (A, q, d)
-        y = jvp(va.reshape(-1, dim)).reshape(len(active), q, -1)
+        y = jvp(va.reshape(-1, dim).to(dtype)).to(work).reshape(len(active), q, -1)
         ym = y * masks[active, None, :]
         gram = (ym.double() @ ym.double().transpose(-1, -2))  # (A, q, q) = V^T J_i^T J_i V
         evals, evecs = torch.linalg.eigh(gram)
         evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
-        rot = evecs.transpose(-1, -2).to(dtype)  # (A, q, q)
+        rot = evecs.transpose(-1, -2).to(work)  # (A, q, q)
         ritz = orthonormal_rows(rot @ va)
-        z = vjp((ym * masks[active, None, :]).reshape(-1, ym.shape[-1])).reshape(len(active), q, dim)
+        cotangents = (ym * masks[active, None, :]).reshape(-1, ym.shape[-1]).to(dtype)
+        z = vjp(cotangents).to(work).reshape(len(active), q, dim)
         v_next = orthonormal_rows(rot @ z)
 
         still = []
         for j, r in enumerate(active):
             iterations[r] = it
             vectors[r] = ritz[j, :k]
-            sigma[r] = evals[j, :k].clamp(min=0).sqrt().to(dtype)
+            sigma[r] = evals[j, :k].clamp(min=0).sqrt().to(work)
             if prev[r] is not None:
                 move = largest_principal_angle(prev[r], ritz[j, :k])
                 error[r] = remaining_angle(move, None if math.isnan(last_angle[r]) else last_angle[r])
