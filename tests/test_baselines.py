@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from localdiff import baselines
-from localdiff.baselines.hspace import fit_hspace_pca, project_out
+from localdiff.baselines.hspace import fit_hspace_pca
+from localdiff.jacobian import project_out
 from localdiff.cli import main
 from localdiff.evaluation import interpolate_strength
 

@@ -150,3 +150,43 @@ def test_half_precision_discovery_keeps_its_linear_algebra_in_float32(small_dir,
         assert v.dtype == torch.float32
         assert torch.allclose(v @ v.T, torch.eye(len(v)), atol=1e-5)
         assert largest_principal_angle(found[torch.float32].individual[r], v) < 10.0
+
+
+def test_every_method_gives_local_orthonormal_directions_and_records_eps_locality(editor, discovered):
+    """method= on the same subspaces: each method's directions are orthonormal and recorded with their eps-level
+    locality; the ratio method, which maximises it, is the most local; masked is jive without the split."""
+    found = {m: editor.discover(texture(), REGIONS, method=m, k=4, individual_rank=2, timestep=0.5, null_rank=2)
+             for m in ("masked", "nullspace", "ratio")}
+    found["jive"] = discovered
+    for m, dirs in found.items():
+        assert dirs.meta["method"] == m
+        for r in REGIONS:
+            v = dirs.individual[r]
+            assert v.shape == (2, 64 * 8 * 8)
+            assert torch.allclose(v @ v.T, torch.eye(2), atol=1e-5)
+            assert len(dirs.meta["eps_locality"][r]) == 2
+    for r in REGIONS:
+        jv = editor.responses(texture(), found["ratio"].individual[r][:1], 0.5)
+        assert eps_locality(jv, REGIONS[r]).item() == pytest.approx(found["ratio"].meta["eps_locality"][r][0], abs=1e-4)
+        best = found["ratio"].meta["eps_locality"][r][0]
+        assert best > found["masked"].meta["eps_locality"][r][0] + 0.01
+        assert best > found["nullspace"].meta["eps_locality"][r][0]
+    assert found["masked"].joint.shape[0] == 0
+    with pytest.raises(LocalDiffError, match="unknown discovery method"):
+        editor.discover(texture(), REGIONS, method="magic")
+
+
+def test_rest_block_joins_the_split(editor, discovered):
+    """The rest of the image as an extra block: a forced joint direction then has to be shared with it too, which
+    changes what is removed; the regions' directions stay orthogonal to it."""
+    plain = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank=1)
+    rest = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank=1, rest_block=True)
+    assert rest.meta["rest_block"] is True and rest.regions == plain.regions
+    from localdiff.jacobian import largest_principal_angle
+
+    assert largest_principal_angle(plain.joint, rest.joint) > 1.0
+    for r in REGIONS:
+        assert (rest.individual[r] @ rest.joint.T).abs().max() < 1e-5
+    everything = {"all": torch.ones(32, 32, dtype=torch.bool)}
+    with pytest.raises(LocalDiffError, match="whole image"):
+        editor.discover(texture(), everything, k=2, individual_rank=1, rest_block=True)

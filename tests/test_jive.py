@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localdiff.jacobian import largest_principal_angle, orthonormal_rows
-from localdiff.jive import auto_joint_rank, jive
+from localdiff.jive import ajive, jive, signal_rank, signal_ranks_of
 
 
 def planted(d=60, n=6, r_joint=2, r_ind=2, blocks=3, noise=1e-4, seed=0):
@@ -54,13 +54,23 @@ def test_matches_brute_force_intersection():
     assert largest_principal_angle(reference, res.joint) < 1e-3
 
 
-def test_automatic_joint_rank():
-    for r in (0, 1, 3):
-        xs, _, _ = planted(r_joint=r, seed=r)
-        assert auto_joint_rank(xs) == r
+def test_signal_rank_is_the_largest_drop():
+    assert signal_rank(torch.tensor([10.0, 9.0, 8.0, 1.0, 0.9, 0.8])) == 3
+    assert signal_rank(torch.tensor([5.0, 0.1, 0.1, 0.1])) == 1
+    assert signal_rank(torch.tensor([0.8, 0.5, 0.3, 0.15, 0.04, 0.04, 0.0])) == 4  # zeros ignored
+    with pytest.raises(ValueError):
+        signal_rank(torch.tensor([1.0, 0.0]))
+
+
+def test_lock_jive_chooses_the_joint_rank_with_ajive():
+    for r, seed in ((0, 2), (1, 2), (2, 3)):  # (seeds where the signal-rank rule is right; it is on 98 % of blocks)
+        xs, _, _ = realistic_blocks(r_joint=r, seed=seed)
+        assert signal_ranks_of(xs) == [3 + r] * 3
+        assert jive(xs, joint_rank=None, individual_rank=2).joint_rank == r
     # orthogonal subspaces: a mix (a + b) / sqrt 2 is 45 degrees from both, which must not count as joint
     e = torch.eye(8, dtype=torch.float64)
-    assert auto_joint_rank([e[:2], e[2:4]]) == 0
+    assert jive([e[:2] * torch.tensor([[2.0], [1.0]], dtype=torch.float64),
+                 e[2:4] * torch.tensor([[2.0], [1.0]], dtype=torch.float64)], None, 1).joint_rank == 0
 
 
 def test_ranks_are_capped_and_validated():
@@ -107,3 +117,60 @@ def test_ajive_rank_recovers_a_weak_planted_joint_part(r_joint, seed):
     assert est.rank == r_joint, est
     if r_joint:  # the noise turns the estimate by a few degrees (6-9 degrees at this noise level)
         assert largest_principal_angle(w, est.joint) < 12.0
+
+
+@pytest.mark.parametrize("r_joint, seed", [(0, 2), (1, 2), (2, 3)])
+def test_ajive_recovers_planted_ranks_and_spaces(r_joint, seed):
+    """The realistic regime end to end: joint rank, joint space, individual spaces and the individual-rank rule."""
+    xs, w, inds = realistic_blocks(r_joint=r_joint, seed=seed)
+    res = ajive(xs, individual_rank=None, samples=300)
+    assert res.joint_rank == r_joint and res.estimate is not None
+    assert res.signal_ranks == [3 + r_joint] * 3
+    assert res.individual_signal_ranks == [3] * 3  # AJIVE's rule finds the three planted individual directions
+    if r_joint:
+        assert largest_principal_angle(w, res.joint) < 12.0
+    for truth, got in zip(inds, res.individual):
+        assert got.shape == (3, 400)  # the rule's count
+        assert largest_principal_angle(truth, got) < 12.0
+        assert torch.allclose(got @ got.T, torch.eye(3, dtype=got.dtype), atol=1e-8)
+        if r_joint:
+            assert (got @ res.joint.T).abs().max() < 1e-8
+
+
+def test_ajive_individual_ranks_given_or_by_the_rule():
+    xs, _, _ = realistic_blocks(r_joint=0, seed=0)
+    assert [len(v) for v in ajive(xs, individual_rank=2, samples=100).individual] == [2, 2, 2]  # given: exactly
+    assert [len(v) for v in ajive(xs, individual_rank=5, samples=100).individual] == [5, 5, 5]
+    assert [len(v) for v in ajive(xs, individual_rank=[1, 2, 30], samples=100).individual] == [1, 2, 16]  # capped
+    flat = [torch.randn(6, 50, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+    assert all(len(v) >= 1 for v in ajive(flat, individual_rank=None, samples=100).individual)  # never none
+    one = ajive(xs[:1], individual_rank=2)
+    assert one.joint_rank == 0 and len(one.individual[0]) == 2
+    forced = ajive(xs, individual_rank=2, joint_rank=1)
+    assert forced.joint_rank == 1 and forced.estimate is None
+    with pytest.raises(ValueError):
+        ajive(xs, individual_rank=2, joint_rank=100)
+
+
+@pytest.mark.parametrize("r_joint, seed", [(1, 0), (2, 1)])
+def test_ajive_agrees_with_mvlearn(r_joint, seed):
+    """Cross-check against an independent published implementation (mvlearn's AJIVE) on the same blocks, given
+    the same signal ranks: the same joint rank, joint spaces within 1 degree, the same individual spaces.
+    mvlearn's views are our blocks transposed (h-space dimensions are its samples); it centres each view's
+    features, so the planted blocks are made mean-free first."""
+    import numpy as np
+
+    AJIVE = pytest.importorskip("mvlearn.decomposition").AJIVE
+    xs, _, _ = realistic_blocks(r_joint=r_joint, seed=seed)
+    xs = [x - x.mean(dim=1, keepdim=True) for x in xs]
+    xs = [x / x.norm() for x in xs]
+    ranks = [3 + r_joint] * 3
+    ours = ajive(xs, individual_rank=None, signal_ranks=ranks, samples=500)
+    theirs = AJIVE(init_signal_ranks=ranks, n_wedin_samples=500, n_randdir_samples=500, random_state=0)
+    theirs.fit([x.T.numpy() for x in xs])
+    assert theirs.joint_rank_ == ours.joint_rank == r_joint
+    joint = torch.from_numpy(np.ascontiguousarray(theirs.joint_scores_.T))
+    assert largest_principal_angle(joint, ours.joint) < 1.0
+    for mine, u in zip(ours.individual, theirs.individual_scores_):
+        assert u is not None and u.shape[1] == len(mine)
+        assert largest_principal_angle(torch.from_numpy(np.ascontiguousarray(u.T)), mine) < 1.0

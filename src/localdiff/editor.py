@@ -31,8 +31,9 @@ from localdiff.directions import Direction, Directions, check_region_name
 from localdiff.errors import LocalDiffError
 from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_pil
 from localdiff.masks import load_mask
-from localdiff.jacobian import decoder_operators, fix_signs, subspace_iteration
-from localdiff.jive import jive
+from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, locality_ratio, orthonormal_rows,
+                                project_out, subspace_iteration)
+from localdiff.jive import ajive
 from localdiff.model import DiffusionModel, load_model
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
@@ -41,11 +42,14 @@ log = logging.getLogger("localdiff")
 # Defaults shared by the API, the CLI and the web UI.
 DEFAULTS = dict(
     num_steps=50,
+    method="jive",
     timestep=0.7,  # measured: best locality on 16 evaluation faces (docs/defaults.md)
     k=6,
     oversample=3,
     joint_rank=None,  # automatic
     individual_rank=3,
+    rest_block=False,
+    null_rank=5,  # nullspace: directions of the outside's Jacobian projected off
     max_iter=50,
     tol_deg=0.1,
     seed=0,
@@ -67,6 +71,10 @@ MAX_K = 512
 MAX_MASK_IOU = 0.95
 
 Edit = tuple[Direction, float]
+
+# How discovery turns the regions' Jacobian subspaces into local directions (LocalEditor.discover).
+DISCOVERY_METHODS = ("jive", "masked", "nullspace", "ratio")
+
 
 
 @dataclass
@@ -157,23 +165,41 @@ class LocalEditor:
         image: ImageLike,
         masks: Mapping[str, ImageLike],
         *,
+        method: str = DEFAULTS["method"],
         timestep: float = DEFAULTS["timestep"],
         k: int = DEFAULTS["k"],
         oversample: int = DEFAULTS["oversample"],
         joint_rank: int | None = DEFAULTS["joint_rank"],
-        individual_rank: int = DEFAULTS["individual_rank"],
+        individual_rank: int | None = DEFAULTS["individual_rank"],
+        rest_block: bool = DEFAULTS["rest_block"],
+        null_rank: int = DEFAULTS["null_rank"],
         seed: int = DEFAULTS["seed"],
         max_iter: int = DEFAULTS["max_iter"],
         tol_deg: float = DEFAULTS["tol_deg"],
         chunk_size: int | None = None,
     ) -> Directions:
-        """Find each region's local h-space directions (Kouzelis et al., Algorithm 1).
+        """Find each region's local h-space directions.
 
         ``timestep`` is a fraction of T (1 = pure noise). For each region the top-``k`` right singular vectors of
-        the masked Jacobian d(m * eps)/dh are found by subspace iteration (all regions in one batch); JIVE then
-        removes the ``joint_rank`` directions shared by all regions (``None``: chosen automatically) and keeps
-        ``individual_rank`` local directions per region.
+        the masked Jacobian d(m * eps)/dh are found by subspace iteration (all regions in one batch); then
+        ``method`` (see :data:`DISCOVERY_METHODS`) turns them into ``individual_rank`` local directions per
+        region (``None``: as many as AJIVE's individual-rank rule finds for ``jive``, at least one and at most
+        ``k``; the other methods then keep ``min(3, k)``):
+
+        * ``jive`` (Kouzelis et al., Algorithm 1): AJIVE removes the ``joint_rank`` directions shared by all
+          regions (``None``: chosen by AJIVE's bounds) and keeps each region's individual ones. ``rest_block``
+          adds the rest of the image (outside every region) as one more block, so that global modes have a block
+          to be joint with.
+        * ``masked``: each region's top singular vectors, nothing removed (Haas et al. with a mask).
+        * ``nullspace``: each region's top vectors projected off the top ``null_rank`` directions of the
+          Jacobian outside it (the LOCO Edit / RBE idea).
+        * ``ratio``: in the span of all regions' and the whole image's top-``k`` subspaces, the directions with
+          the largest ratio of in-region to out-of-region eps energy (a generalised eigenproblem).
+
+        ``meta["eps_locality"]`` records |m * J v|^2 / |J v|^2 of every kept direction at the discovery timestep.
         """
+        if method not in DISCOVERY_METHODS:
+            raise LocalDiffError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")
         if not 0.0 < timestep <= 1.0:
             raise LocalDiffError(f"timestep must be a fraction of T in (0, 1], got {timestep}")
         dim = math.prod(self.model.h_shape)
@@ -183,25 +209,84 @@ class LocalEditor:
         if oversample < 0 or k + oversample > dim:
             raise LocalDiffError(f"oversample must be in 0..{dim - k} (k + oversample at most h-space's {dim} "
                                  f"dimensions), got {oversample}")
-        if individual_rank < 1 or individual_rank > k:
+        if individual_rank is not None and not 1 <= individual_rank <= k:
             raise LocalDiffError(f"individual rank must be in 1..k={k}, got {individual_rank}")
         if joint_rank is not None and not 0 <= joint_rank < k * len(masks):
             raise LocalDiffError(f"joint rank must be in 0..{k * len(masks) - 1}, got {joint_rank}")
+        if not 1 <= null_rank <= min(MAX_K, dim):
+            raise LocalDiffError(f"null rank must be in 1..{min(MAX_K, dim)}, got {null_rank}")
         region_masks = self.prepare_masks(masks, image)
         inv = self.invert(image)
         names = list(region_masks)
-        res, enc, step = self.region_subspaces(image, [region_masks[n] for n in names], timestep=timestep, k=k,
-                                               oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg,
-                                               chunk_size=chunk_size)
+        region_list = [region_masks[n] for n in names]
+        common = dict(timestep=timestep, oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg,
+                      chunk_size=chunk_size)
+        res, enc, step = self.region_subspaces(image, region_list, k=k, **common)
         for n, conv, its, err in zip(names, res.converged, res.iterations, res.error_deg):
             if not conv:
                 log.warning("region %s: subspace iteration stopped at max_iter=%d, an estimated %.3g deg from "
                             "convergence (tol_deg %.3g); raise max_iter for a tighter subspace", n, its, err, tol_deg)
         model = self.model
+        _, jvp, _, out = self._decoder_at(inv, step, chunk_size)
+        flat_masks = [m.to(out.device, torch.float64)[None].expand(out.shape[1], -1, -1).reshape(-1)
+                      for m in region_list]
+        joint = res.vectors.new_zeros(0, dim)
+        info: dict = {}
+        keep = individual_rank if individual_rank is not None else min(3, k)
+        if method == "jive":
+            blocks = [res.sigma[i, :, None] * res.vectors[i] for i in range(len(names))]
+            if rest_block:
+                rest = ~torch.stack([m.bool() for m in region_list]).any(0)
+                if not rest.any():
+                    raise LocalDiffError("the regions cover the whole image, so there is no rest of the image to "
+                                         "use as a block; leave rest_block off")
+                rest_res, _, _ = self.region_subspaces(image, [rest], k=k, **common)
+                blocks.append(rest_res.sigma[0, :, None] * rest_res.vectors[0])
+            split = ajive(blocks, individual_rank, joint_rank=joint_rank, seed=seed)
+            chosen = split.individual[:len(names)]
+            sigmas = split.individual_sigma[:len(names)]
+            joint = split.joint
+            info = dict(signal_ranks=split.signal_ranks,
+                        individual_signal_ranks=split.individual_signal_ranks[:len(names)])
+            if split.estimate is not None:
+                info["joint_rank_bounds"] = dict(random=split.estimate.random_bound, wedin=split.estimate.wedin_bound)
+        elif method == "masked":
+            chosen = [res.vectors[i, :keep] for i in range(len(names))]
+            sigmas = [res.sigma[i, :keep] for i in range(len(names))]
+        elif method == "nullspace":
+            outside, _, _ = self.region_subspaces(image, [1 - m.float() for m in region_list], k=null_rank, **common)
+            chosen = [project_out(res.vectors[i], outside.vectors[i])[:keep] for i in range(len(names))]
+            sigmas = None
+            info = dict(null_rank=null_rank)
+        else:  # ratio
+            whole, _, _ = self.region_subspaces(image, [torch.ones_like(region_list[0], dtype=torch.bool)], k=k,
+                                                **common)
+            basis = orthonormal_rows(torch.cat([res.vectors.reshape(-1, dim), whole.vectors[0]]).double())
+            responses = jvp(basis.to(model.device, model.dtype)).double()
+            chosen, sigmas, ratios = [], [], []
+            for fm in flat_masks:
+                coef, lam = locality_ratio(responses, fm)
+                chosen.append(orthonormal_rows(coef[:keep] @ basis))
+                ratios.append([float(x) for x in lam[:keep]])
+            sigmas = None
+            info = dict(basis_dim=len(basis), ratio=dict(zip(names, ratios)))
+        work = linalg_dtype(model.dtype)
+        chosen = [fix_signs(v.to(work)) for v in chosen]
+        # every kept direction's eps response at the discovery timestep: its in-region gain and eps-level locality
+        stack = torch.cat(chosen)
+        resp = jvp(stack.to(model.device, model.dtype)).double()
+        offsets = [0]
+        for v in chosen:
+            offsets.append(offsets[-1] + len(v))
+        eps_loc, gains = {}, {}
+        for i, n in enumerate(names):
+            y = resp[offsets[i]:offsets[i + 1]]
+            inside = (y * flat_masks[i]).pow(2).sum(1)
+            eps_loc[n] = (inside / y.pow(2).sum(1).clamp(min=1e-300)).tolist()
+            gains[n] = inside.sqrt()
+        if sigmas is None:  # no singular values of their own: the in-region gain |m * J v| plays their part
+            sigmas = [gains[n] for n in names]
         t = inv.schedule.timesteps[step]
-        blocks = [res.sigma[i, :, None] * res.vectors[i] for i in range(len(names))]
-        split = jive(blocks, joint_rank, individual_rank)
-        individual = {n: fix_signs(v) for n, v in zip(names, split.individual)}
         meta = dict(
             model_name=model.name,
             model_fingerprint=model.fingerprint,
@@ -211,22 +296,25 @@ class LocalEditor:
             timestep_fraction=float(timestep),
             step_index=step,
             num_steps=len(inv.schedule),
+            method=method,
             k=k,
             oversample=oversample,
-            joint_rank=split.joint_rank,
+            joint_rank=int(len(joint)),
             individual_rank=individual_rank,
+            rest_block=bool(rest_block) if method == "jive" else False,
             seed=seed,
             iterations=dict(zip(names, res.iterations)),
             converged=dict(zip(names, res.converged)),
-            jive_iterations=split.iterations,
+            eps_locality=eps_loc,
+            **info,
             source_image_hash=inv.image_hash,
             localdiff_version=_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         return Directions(
-            individual=individual,
-            individual_sigma=dict(zip(names, split.individual_sigma)),
-            joint=fix_signs(split.joint),
+            individual=dict(zip(names, chosen)),
+            individual_sigma={n: sg.to(work).cpu() for n, sg in zip(names, sigmas)},
+            joint=fix_signs(joint.to(work)),
             masks={n: region_masks[n].cpu() for n in names},
             region_sigma={n: res.sigma[i].cpu() for i, n in enumerate(names)},
             meta=meta,

@@ -182,6 +182,37 @@ def subspace_iteration(
     return SubspaceResult(vectors, sigma, iterations, converged, last_angle, error)
 
 
+def project_out(vectors: Tensor, null: Tensor) -> Tensor:
+    """Rows of ``vectors`` (r, d) projected onto the orthogonal complement of the rows of ``null`` (orthonormal),
+    re-orthonormalised in order: v <- v - N^T N v (LOCO Edit's null-space projection)."""
+    projected = vectors - (vectors @ null.T) @ null
+    return orthonormal_rows(projected.double()).to(vectors.dtype)
+
+
+def locality_ratio(responses: Tensor, mask: Tensor, *, ridge: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Directions in a subspace that put the most of their response inside a region (a generalised eigenproblem).
+
+    ``responses`` (q, out) are ``J b_j`` for an orthonormal basis b_1..b_q of the subspace, ``mask`` (out,) the
+    region (weights in [0, 1]). For ``v = sum_j u_j b_j`` the ratio of in-region to out-of-region energy is
+    ``u^T A u / u^T C u`` with ``A = Y diag(m) Y^T`` and ``C = Y diag(1 - m) Y^T``; its stationary points solve
+    ``A u = lambda C u``. ``C`` gets ``ridge * tr(C) / q`` on its diagonal so that a direction with no outside
+    response stays finite. Returns ``(coefficients (q, q): row i is u_i, ratios (q,))``, best first; the
+    directions are ``coefficients @ basis``. Float64 throughout.
+    """
+    y = responses.to(torch.float64)
+    m = mask.to(torch.float64).reshape(1, -1)
+    a = (y * m) @ y.T
+    c = (y * (1 - m)) @ y.T
+    q = len(y)
+    c = c + ridge * abs(float(torch.trace(c))) / max(q, 1) * torch.eye(q, dtype=torch.float64, device=y.device)
+    a, c = (a + a.T) / 2, (c + c.T) / 2
+    chol = torch.linalg.cholesky(c)
+    inv = torch.linalg.solve_triangular(chol, torch.eye(q, dtype=torch.float64, device=y.device), upper=False)
+    evals, evecs = torch.linalg.eigh(inv @ a @ inv.T)
+    u = (inv.T @ evecs).flip(-1).T  # rows, descending ratio
+    return u / u.norm(dim=1, keepdim=True), evals.flip(-1)
+
+
 # ---------------------------------------------------------------------- torch.func operators
 @contextmanager
 def ad_friendly_attention():

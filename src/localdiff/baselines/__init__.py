@@ -7,9 +7,10 @@ h-space (applied like localdiff's own edits: ``h += strength * |h| * v`` at the 
 ========== ===== ==================================================================================
 name       space what it is
 ========== ===== ==================================================================================
-jive       h     localdiff: masked Jacobian subspaces + JIVE, first individual direction (Kouzelis et al.)
+jive       h     localdiff: masked Jacobian subspaces + AJIVE, first individual direction (Kouzelis et al.)
 masked     h     masked Jacobian alone, the region's top singular direction (Haas et al.)
 nullspace  h     region directions projected off the top subspace of the outside's Jacobian (RBE idea)
+ratio      h     most in-region per out-of-region eps energy in the regions' and image's Jacobian subspaces
 loco       x     LOCO Edit: masked x0-prediction Jacobian w.r.t. x_t with null-space projection, one step
 pca        h     global: PCA of h over generated samples (Haas et al.); per region the most local component
 pullback   x     global: top right singular vectors of dh/dx_t (Park et al.); per region the most local one
@@ -60,13 +61,14 @@ def _registry() -> dict[str, Discoverer]:
         "jive": hspace.jive_directions,
         "masked": hspace.masked_jacobian,
         "nullspace": hspace.nullspace_projection,
+        "ratio": hspace.ratio_directions,
         "loco": xspace.loco_edit,
         "pca": hspace.pca_directions,
         "pullback": xspace.pullback,
     }
 
 
-METHODS = ("jive", "masked", "nullspace", "loco", "pca", "pullback")
+METHODS = ("jive", "masked", "nullspace", "ratio", "loco", "pca", "pullback")
 
 
 def discover(method: str, editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor],

@@ -11,54 +11,32 @@ from tqdm.auto import tqdm
 from localdiff.baselines import MethodDirections, most_local, picked_first
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.images import ImageLike
-from localdiff.jacobian import fix_signs, orthonormal_rows
 from localdiff.sampling import ddim_sample, initial_noise, make_schedule
 
 
-def jive_directions(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
-                    timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"],
-                    oversample: int = DEFAULTS["oversample"], joint_rank: int | None = DEFAULTS["joint_rank"],
-                    individual_rank: int = DEFAULTS["individual_rank"], max_iter: int = DEFAULTS["max_iter"],
-                    tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
-    """localdiff itself: :meth:`LocalEditor.discover`, the individual (local) directions of each region."""
-    dirs = editor.discover(image, masks, timestep=timestep, k=k, oversample=oversample, joint_rank=joint_rank,
-                           individual_rank=individual_rank, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
-    return MethodDirections("jive", "h", dict(dirs.individual), timestep, dirs.unit, dirs.fingerprint,
-                            info=dict(joint_rank=dirs.meta["joint_rank"]))
+def _discovered(method: str):
+    def run(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
+            timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"], oversample: int = DEFAULTS["oversample"],
+            joint_rank: int | None = DEFAULTS["joint_rank"], individual_rank: int = DEFAULTS["individual_rank"],
+            rest_block: bool = DEFAULTS["rest_block"], null_rank: int = DEFAULTS["null_rank"],
+            max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0,
+            **_) -> MethodDirections:
+        dirs = editor.discover(image, masks, method=method, timestep=timestep, k=k, oversample=oversample,
+                               joint_rank=joint_rank, individual_rank=individual_rank, rest_block=rest_block,
+                               null_rank=null_rank, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+        info = {key: dirs.meta[key] for key in ("joint_rank", "null_rank", "eps_locality") if key in dirs.meta}
+        return MethodDirections(method, "h", {r: v.cpu() for r, v in dirs.individual.items()}, timestep, dirs.unit,
+                                dirs.fingerprint, info=info)
+
+    run.__name__ = f"{method}_directions"
+    run.__doc__ = f":meth:`LocalEditor.discover` with ``method={method!r}``: the regions' local directions."
+    return run
 
 
-def masked_jacobian(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
-                    timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"],
-                    oversample: int = DEFAULTS["oversample"], max_iter: int = DEFAULTS["max_iter"],
-                    tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
-    """Haas et al. with a mask: the top right singular vectors of d(m * eps)/dh for each region, no JIVE."""
-    names = list(masks)
-    res, enc, _ = editor.region_subspaces(image, [masks[n] for n in names], timestep=timestep, k=k,
-                                          oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
-    vectors = {n: fix_signs(res.vectors[i]).cpu() for i, n in enumerate(names)}
-    return MethodDirections("masked", "h", vectors, timestep, float(enc.h.norm()), editor.model.fingerprint)
-
-
-def project_out(vectors: Tensor, null: Tensor) -> Tensor:
-    """Rows of ``vectors`` (r, d) projected onto the orthogonal complement of the rows of ``null`` (orthonormal),
-    re-orthonormalised in order: v <- v - N^T N v (LOCO Edit's null-space projection)."""
-    projected = vectors - (vectors @ null.T) @ null
-    return orthonormal_rows(projected.double()).to(vectors.dtype)
-
-
-def nullspace_projection(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
-                         timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"], null_rank: int = 5,
-                         oversample: int = DEFAULTS["oversample"], max_iter: int = DEFAULTS["max_iter"],
-                         tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
-    """The LOCO Edit / RBE idea in h-space: each region's top-``k`` directions of d(m * eps)/dh, projected off the
-    top-``null_rank`` directions of d((1 - m) * eps)/dh (what moves everything outside the region)."""
-    names = list(masks)
-    common = dict(timestep=timestep, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
-    roi, enc, _ = editor.region_subspaces(image, [masks[n] for n in names], k=k, **common)  # cached by discover
-    outside, _, _ = editor.region_subspaces(image, [1 - masks[n].float() for n in names], k=null_rank, **common)
-    vectors = {n: fix_signs(project_out(roi.vectors[i], outside.vectors[i])).cpu() for i, n in enumerate(names)}
-    return MethodDirections("nullspace", "h", vectors, timestep, float(enc.h.norm()), editor.model.fingerprint,
-                            info=dict(null_rank=null_rank))
+jive_directions = _discovered("jive")  # localdiff: masked Jacobian subspaces + AJIVE (Kouzelis et al.)
+masked_jacobian = _discovered("masked")  # Haas et al. with a mask: each region's top singular vectors
+nullspace_projection = _discovered("nullspace")  # the LOCO Edit / RBE idea in h-space
+ratio_directions = _discovered("ratio")  # most in-region eps energy per out-of-region energy
 
 
 @torch.no_grad()

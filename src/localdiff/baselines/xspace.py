@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 
 from localdiff.baselines import MethodDirections, most_local, picked_first
-from localdiff.baselines.hspace import project_out
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.images import ImageLike
-from localdiff.jacobian import decoder_operators, fix_signs, subspace_iteration
+from localdiff.jacobian import decoder_operators, fix_signs, project_out, subspace_iteration
 
 
 def _latent_at(editor: LocalEditor, image: ImageLike, timestep: float):
