@@ -127,11 +127,60 @@ def test_eval_quick_writes_the_report(small_dir, images, tmp_path):
     assert len(matched) == len(methods) * 3 * 3  # 3 regions x (2 faces + face 0's directions on face 1)
     for r in matched:
         assert 0.0 <= float(r["locality"]) <= 1.0
+        assert 0.0 < float(r["eps_locality"]) <= 1.0
         if r["reached"] == "True":  # calibrated to the target visibility
             assert abs(float(r["inside_change"]) - 0.08) < 0.04, r
     summary = (out / "summary.md").read_text()
     assert summary.startswith(f"# localdiff eval: {small_dir} (fingerprint ")  # not the default model's name
     assert "LPIPS: unavailable" in summary or "LPIPS (AlexNet)" in summary
+    assert "### Paired against masked" in summary and "| ratio − masked" not in summary
+    assert summary.count("| ratio | ") >= 3  # summary, paired (source) and paired (transfer) rows
+
+
+def test_eps_level_locality_of_h_and_x_methods(editor):
+    """The evaluation's eps-level locality: for h-space methods the same number discovery records; for x-space
+    methods the locality of d eps/dx_t v, checked against a finite difference."""
+    from localdiff.evaluation import eps_level_locality
+    from localdiff.metrics import eps_locality
+
+    image = texture(16)
+    md = baselines.discover("ratio", editor, image, REGIONS, **SETTINGS)
+    got = eps_level_locality(editor, image, md, REGIONS, list(REGIONS))
+    for r in REGIONS:
+        assert got[r] == pytest.approx(md.info["eps_locality"][r][0], abs=1e-4)
+    loco = baselines.discover("loco", editor, image, REGIONS, **SETTINGS)
+    got = eps_level_locality(editor, image, loco, REGIONS, ["eyes"])
+    inv = editor.invert(image)
+    step = inv.schedule.index_of(loco.timestep)
+    x, t = inv.xs[step].double(), inv.schedule.timesteps[step]
+    v = loco.vectors["eyes"][0].double().view_as(x)
+    model = editor.model
+    model.unet.double()
+    try:
+        with torch.no_grad():
+            fd = (model.eps(x + 1e-4 * v, t) - model.eps(x - 1e-4 * v, t)) / 2e-4
+    finally:
+        model.unet.float()
+    assert got["eyes"] == pytest.approx(eps_locality(fd[0].float(), REGIONS["eyes"]).item(), abs=1e-3)
+
+
+def test_paired_table_and_bootstrap_interval():
+    from localdiff.evaluation import bootstrap_interval, paired_differences, paired_table
+
+    rows = []
+    for face in ("a", "b", "c", "d"):
+        for region in ("eyes", "mouth"):
+            for method, loc in (("masked", 0.5), ("ratio", 0.7 if region == "eyes" else 0.4)):
+                rows.append(dict(face=face, source=face, region=region, method=method, setting="source",
+                                 kind="matched", locality=loc, eps_locality=loc, leakage=1 - loc))
+    diffs = paired_differences(rows, "ratio", "masked", "source", "locality")
+    assert sorted(round(d, 6) for d in diffs) == [-0.1] * 4 + [0.2] * 4
+    lo, hi = bootstrap_interval(diffs)
+    assert -0.1 <= lo < 0.05 < hi <= 0.2
+    assert bootstrap_interval([0.3] * 5) == (pytest.approx(0.3), pytest.approx(0.3))
+    table = paired_table(rows, ["masked", "ratio"], "masked", "source")
+    assert table[2].startswith("| ratio | 8 | +0.050 [")
+    assert "better on 4/8" in table[2]
 
 
 def test_eval_joint_rank_reaches_jive_only(small_dir, images, tmp_path):

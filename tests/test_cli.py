@@ -154,3 +154,22 @@ def test_interrupting_the_grid_keeps_the_finished_discovery(files, small_dir, tm
     from localdiff import Directions
 
     assert Directions.load(out).regions == ["top"]
+
+
+def test_discover_method_option(files, small_dir, tmp_path, capsys):
+    """--method ratio writes its directions and says so in info; an unknown method is one line and exit 2."""
+    out = tmp_path / "ratio.safetensors"
+    code, _, err = run(["discover", files / "face.png", "--mask", f"top={files / 'top.png'}", "--mask",
+                        f"bottom={files / 'bottom.png'}", "--model", small_dir, "--steps", "6", "--k", "3",
+                        "--individual-rank", "2", "--method", "ratio", "--out", out], capsys)
+    assert code == 0 and out.is_file()
+    assert "eps-level locality" in err
+    code, text, _ = run(["info", out], capsys)
+    assert code == 0 and "method            ratio" in text and "eps-level locality" in text
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(SystemExit) as exit_:  # a usage error: argparse's exit, status 2
+        main(["discover", str(files / "face.png"), "--mask", f"top={files / 'top.png'}", "--model", str(small_dir),
+              "--method", "magic", "--out", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not bad.exists()
+    assert len(err.strip().splitlines()) == 1 and "magic" in err

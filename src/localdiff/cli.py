@@ -17,7 +17,7 @@ import torch
 
 from localdiff.demo import DemoSettings
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, EDIT_RANGE, LocalEditor
+from localdiff.editor import DEFAULTS, DISCOVERY_METHODS, EDIT_RANGE, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
@@ -72,6 +72,11 @@ def _rank(text: str) -> int | None:
     return None if text == "auto" else _whole_number(text, 0)
 
 
+def _rank_or_auto_positive(text: str) -> int | None:
+    """A count of directions: a whole number >= 1, or ``auto``."""
+    return None if text == "auto" else _whole_number(text, 1)
+
+
 STEPS_WHY = "50 steps reconstruct faces at about 32 dB; the demo takes 20 (about 24 dB) to run in under a minute"
 
 
@@ -107,9 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep", type=_fraction, default=DEFAULTS["timestep"], metavar="F",
                    help=f"discovery timestep as a fraction of T (default: {DEFAULTS['timestep']})")
     p.add_argument("--k", type=_positive_int, default=DEFAULTS["k"], help=f"singular vectors per region (default: {DEFAULTS['k']})")
-    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R", help="JIVE joint rank, or auto (default: auto)")
-    p.add_argument("--individual-rank", type=_positive_int, default=DEFAULTS["individual_rank"], metavar="R",
-                   help=f"local directions per region (default: {DEFAULTS['individual_rank']})")
+    p.add_argument("--method", choices=DISCOVERY_METHODS, default=DEFAULTS["method"],
+                   help="how the regions' Jacobian subspaces become local directions: jive (AJIVE split, the "
+                        "paper), masked (top singular vectors), nullspace (projected off the outside's), ratio "
+                        f"(most in-region per out-of-region change) (default: {DEFAULTS['method']})")
+    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R",
+                   help="jive: joint rank, or auto (AJIVE's bounds; default: auto)")
+    p.add_argument("--individual-rank", type=_rank_or_auto_positive, default=DEFAULTS["individual_rank"],
+                   metavar="R", help=f"local directions per region, or auto (jive: AJIVE's rule) "
+                                     f"(default: {DEFAULTS['individual_rank']})")
+    p.add_argument("--rest-block", action="store_true",
+                   help="jive: add the rest of the image as a block, so that global modes have a block to be "
+                        "joint with")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"start of the subspace iteration (default: {DEFAULTS['seed']})")
     p.add_argument("--max-iter", type=_positive_int, default=DEFAULTS["max_iter"], metavar="N",
                    help=f"subspace iteration limit (default: {DEFAULTS['max_iter']})")
@@ -262,11 +276,13 @@ def cmd_discover(args) -> None:
     region_masks = editor.prepare_masks(masks, image)
     image = editor.prepare(image)
     dirs = editor.discover(
-        image, region_masks, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
-        individual_rank=args.individual_rank, seed=args.seed, max_iter=args.max_iter,
+        image, region_masks, method=args.method, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
+        individual_rank=args.individual_rank, rest_block=args.rest_block, seed=args.seed, max_iter=args.max_iter,
     )
     dirs.save(out)  # first: interrupting the grid keeps the finished discovery
-    log.info("wrote %s (%s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions))
+    log.info("wrote %s (%s; eps-level locality of each region's first direction: %s)", out,
+             ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions),
+             ", ".join(f"{r} {dirs.meta['eps_locality'][r][0]:.2f}" for r in dirs.regions))
     if grid is not None:
         save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
         log.info("wrote %s", grid)

@@ -249,18 +249,21 @@ class Directions:
             f"h shape           {tuple(m.get('h_shape', ()))}  (strength unit |h| = {self.unit:.4g})",
             f"timestep          t={m.get('timestep')} (fraction {m.get('timestep_fraction')}, step {m.get('step_index')} of {m.get('num_steps')} DDIM steps)",
             f"subspace          k={m.get('k')} (+{m.get('oversample')} oversampling), seed {m.get('seed')}",
-            f"JIVE ranks        joint {m.get('joint_rank')}, individual {m.get('individual_rank')}",
+            f"method            {m.get('method', 'jive')}" + (" (rest-of-image block)" if m.get("rest_block") else ""),
+            f"JIVE ranks        joint {m.get('joint_rank')}, individual {m.get('individual_rank') or 'auto'}",
             f"source image      sha256:{m.get('source_image_hash')}",
             f"created with      localdiff {m.get('localdiff_version')}",
             f"joint directions  {len(self.joint)}",
             "regions:",
         ]
         its = m.get("iterations", {})
+        eps = m.get("eps_locality", {})
         for r in self.regions:
             area = float(self.masks[r].float().mean())
             sig = ", ".join(f"{s:.3g}" for s in self.individual_sigma[r].tolist())
+            loc = f"; eps-level locality {', '.join(f'{x:.2f}' for x in eps[r])}" if r in eps else ""
             lines.append(
                 f"  {r:<12} {len(self.individual[r])} local directions (sigma {sig}); mask area {area:.1%}; "
-                f"{its.get(r, '?')} iterations"
+                f"{its.get(r, '?')} iterations{loc}"
             )
         return "\n".join(lines)

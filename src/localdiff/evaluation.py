@@ -102,6 +102,29 @@ def _score_rows(edited: Tensor, recon: Tensor, masks: Mapping[str, Tensor], edit
     return rows
 
 
+def eps_level_locality(editor, image: Tensor, md, masks: Mapping[str, Tensor],
+                       regions: Sequence[str]) -> dict[str, float]:
+    """|m * d eps|^2 / |d eps|^2 of each region's first direction of ``md`` on ``image`` at the method's timestep:
+    ``d eps = J v`` with J = d eps / dh for h-space methods and d eps / dx_t for x-space ones (method.md section
+    7, the Jacobian-level locality)."""
+    from torch.func import jvp
+
+    from localdiff.jacobian import ad_friendly_attention
+
+    vecs = torch.stack([md.vectors[r][0] for r in regions])
+    if md.space == "h":
+        responses = editor.responses(image, vecs, md.timestep)
+    else:
+        inv = editor.invert(image)
+        step = inv.schedule.index_of(md.timestep)
+        x_t, t = inv.xs[step], inv.schedule.timesteps[step]
+        model = editor.model
+        with ad_friendly_attention():
+            responses = torch.cat([jvp(lambda x: model.eps(x, t), (x_t,), (v.to(x_t).view_as(x_t),))[1]
+                                   for v in vecs]).detach()
+    return {r: metrics.eps_locality(responses[i].float().cpu(), masks[r]).item() for i, r in enumerate(regions)}
+
+
 def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], settings: EvalSettings,
                         base: dict, *, refine: int = 2) -> tuple[list[dict], list[dict], Tensor]:
     """Score one method's directions on one image: a strength ladder (the curve), then every region at the strength
@@ -112,7 +135,10 @@ def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], 
     regions = [r for r in settings.regions if r in md.vectors]
     ladder = [(r, top * f) for r in regions for f in settings.ladder]
     out = baselines.render(editor, image, md, ladder, schedule=settings.schedule)
+    eps = eps_level_locality(editor, image, md, masks, regions)
     curve = _score_rows(out, recon, masks, ladder, dict(base, kind="curve"))
+    for row in curve:
+        row["eps_locality"] = eps[row["region"]]
     points = {r: [(row["strength"], row["inside_change"]) for row in curve if row["region"] == r] for r in regions}
     for _ in range(1 + refine):
         plan = [(r, *interpolate_strength([p[0] for p in points[r]], [p[1] for p in points[r]],
@@ -123,6 +149,7 @@ def evaluate_directions(editor, image: Tensor, md, masks: Mapping[str, Tensor], 
         off = False
         for row, (r, s, reached) in zip(matched, plan):
             row["reached"] = reached
+            row["eps_locality"] = eps[r]
             points[r].append((s, row["inside_change"]))  # refine the interpolation with the new point
             off |= reached and abs(row["inside_change"] - settings.target_change) > 0.1 * settings.target_change
         if not off:
@@ -354,7 +381,8 @@ def _add_lpips(net, rows: list[dict], edited: Tensor, recon: Tensor) -> None:
         row["lpips"] = v
 
 
-SUMMARY_COLUMNS = (("locality", "locality ↑", 3), ("inside_change", "inside change", 3),
+SUMMARY_COLUMNS = (("locality", "locality ↑", 3), ("eps_locality", "eps-level locality ↑", 3),
+                   ("inside_change", "inside change", 3),
                    ("outside_psnr", "outside PSNR dB ↑", 1), ("outside_ssim", "outside SSIM ↑", 3),
                    ("leakage", "leakage to other regions ↓", 3))
 
@@ -376,6 +404,55 @@ def summary_table(rows: Sequence[dict], methods: Sequence[str], setting: str) ->
     return lines
 
 
+PAIRED_COLUMNS = (("locality", "locality", 1), ("eps_locality", "eps-level locality", 1),
+                  ("leakage", "leakage to other regions", -1))
+
+
+def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (seeded, so a report is reproducible)."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if len(t) < 2:
+        return (float(t.mean()), float(t.mean())) if len(t) else (math.nan, math.nan)
+    g = torch.Generator().manual_seed(seed)
+    means = t[torch.randint(len(t), (resamples, len(t)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def paired_differences(rows: Sequence[dict], method: str, reference: str, setting: str, key: str) -> list[float]:
+    """``key`` of ``method`` minus ``reference`` on the same edits (face, source, region) at matched visibility."""
+    def table(m):
+        return {(r["face"], r["source"], r["region"]): r[key] for r in rows
+                if r["method"] == m and r["setting"] == setting and r["kind"] == "matched" and key in r}
+
+    mine, ref = table(method), table(reference)
+    return [mine[k] - ref[k] for k in mine if k in ref]
+
+
+def paired_table(rows: Sequence[dict], methods: Sequence[str], reference: str, setting: str) -> list[str]:
+    """Markdown: each method against ``reference`` on the same edits, per column the mean paired difference, its
+    95 % bootstrap interval and how many edits are better (higher locality, lower leakage)."""
+    head = "| method − " + reference + " | edits | " + " | ".join(c[1] for c in PAIRED_COLUMNS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(PAIRED_COLUMNS)]
+    for m in methods:
+        if m == reference:
+            continue
+        cells, n = [], 0
+        for key, _, sign in PAIRED_COLUMNS:
+            diffs = paired_differences(rows, m, reference, setting, key)
+            if not diffs:
+                cells.append("–")
+                continue
+            n = len(diffs)
+            lo, hi = bootstrap_interval(diffs)
+            better = sum(d * sign > 0 for d in diffs)
+            cells.append(f"{statistics.fmean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}], better on {better}/{n}")
+        if n:
+            lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def region_table(rows: Sequence[dict], methods: Sequence[str], regions: Sequence[str]) -> list[str]:
     """Markdown: matched-visibility locality per method and region (source images)."""
     lines = ["| method | " + " | ".join(regions) + " |", "|---|" + "---:|" * len(regions)]
@@ -390,7 +467,7 @@ def region_table(rows: Sequence[dict], methods: Sequence[str], regions: Sequence
 
 
 CSV_FIELDS = ("face", "method", "setting", "source", "kind", "region", "strength", "reached", "locality",
-              "inside_change", "outside_psnr", "outside_ssim", "leakage", "lpips")
+              "eps_locality", "inside_change", "outside_psnr", "outside_ssim", "leakage", "lpips")
 
 
 def write_report(result: dict, settings: EvalSettings, masks: Mapping[str, Tensor], reconstruction: Tensor,
@@ -423,9 +500,16 @@ def write_report(result: dict, settings: EvalSettings, masks: Mapping[str, Tenso
         "", "### Same image (directions discovered on the face they edit)", "",
         *summary_table(rows, methods, "source"), "",
     ]
+    reference = "masked" if "masked" in methods else None
+    if reference and len(methods) > 1:
+        lines += [f"### Paired against {reference} (same face, region and visibility; mean difference, 95 % "
+                  "bootstrap interval)", "", *paired_table(rows, methods, reference, "source"), ""]
     if any(r["setting"] == "transfer" for r in rows):
         lines += ["### Transfer (directions from the previous face applied to the next)", "",
                   *summary_table(rows, methods, "transfer"), ""]
+        if reference and len(methods) > 1:
+            lines += [f"Paired against {reference} (transfer):", "",
+                      *paired_table(rows, methods, reference, "transfer"), ""]
     lines += ["### Locality per region (same image, matched visibility)", "",
               *region_table(rows, methods, settings.regions), "",
               "### Discovery time per image (seconds, this machine; the median is robust to other jobs)", "",

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, EDIT_RANGE, LocalEditor
+from localdiff.editor import DEFAULTS, DISCOVERY_METHODS, EDIT_RANGE, LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import load_image, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_names, template_path
@@ -149,7 +149,7 @@ def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
 
 
 def discover(editor: LocalEditor, session: Session, timestep: float, k: int, individual_rank: int,
-             joint_rank: str, stage=None) -> list[str]:
+             joint_rank: str, method: str = DEFAULTS["method"], stage=None) -> list[str]:
     """Discover local directions for the session's regions; returns the slider names ("region:index").
 
     ``stage(fraction, text)``, if given, is told each stage as it starts (inversion, subspace iteration, JIVE)."""
@@ -161,9 +161,9 @@ def discover(editor: LocalEditor, session: Session, timestep: float, k: int, ind
     stage(0.0, "inverting the image (DDIM)")
     editor.invert(image)
     stage(0.3, f"subspace iteration for {len(session.masks)} regions")
-    session.directions = editor.discover(image, session.masks, timestep=float(timestep), k=int(k),
-                                         individual_rank=int(individual_rank), joint_rank=jr)
-    stage(0.95, "JIVE split done; rendering")
+    session.directions = editor.discover(image, session.masks, method=str(method), timestep=float(timestep),
+                                         k=int(k), individual_rank=int(individual_rank), joint_rank=jr)
+    stage(0.95, f"{method} directions found; rendering")
     path = session.folder() / "directions.safetensors"
     session.directions.save(path)
     return [d.name for d in session.directions.local()][:MAX_SLIDERS]
@@ -281,7 +281,10 @@ def build_app(editor: LocalEditor):
                     timestep = gr.Slider(0.05, 1.0, value=DEFAULTS["timestep"], step=0.05, label="timestep (× T)")
                     k = gr.Slider(1, 12, value=DEFAULTS["k"], step=1, label="k (singular vectors per region)")
                     ind_rank = gr.Slider(1, 12, value=DEFAULTS["individual_rank"], step=1, label="local directions per region")
-                    joint = gr.Textbox(value="auto", label="joint rank (auto or a number)")
+                    joint = gr.Textbox(value="auto", label="joint rank (jive: auto or a number)")
+                    method = gr.Dropdown(list(DISCOVERY_METHODS), value=DEFAULTS["method"], label="method",
+                                         info="jive: AJIVE split (the paper); masked: top singular vectors; "
+                                              "nullspace: projected off the outside's; ratio: most in-region change")
                 discover_btn = gr.Button("discover", variant="primary", elem_id="discover")
         status = gr.Markdown("", elem_id="status")
         sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0.0, step=0.05, visible=False,
@@ -328,24 +331,26 @@ def build_app(editor: LocalEditor):
         clear_btn.click(guarded(lambda s: (s, clear_regions(editor, s)), 2), [state], [state, regions_view],
                         api_name="clear_regions")
 
-        def on_discover(session, t, kk, ir, jr, progress=gr.Progress(track_tqdm=True)):
+        def on_discover(session, t, kk, ir, jr, m, progress=gr.Progress(track_tqdm=True)):
             editor.progress = True  # its bars (inversion, subspace iteration i/N) show in the page
             try:
-                names = discover(editor, session, t, kk, ir, jr, stage=lambda f, text: progress(f, desc=text))
+                names = discover(editor, session, t, kk, ir, jr, m, stage=lambda f, text: progress(f, desc=text))
             finally:
                 editor.progress = False
             ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
                    for i in range(MAX_SLIDERS)]
             views = render(editor, session, [0.0] * len(names))
-            its = session.directions.meta.get("iterations", {})
-            msg = (f"found {len(names)} local directions ({', '.join(names)}); subspace iterations "
-                   f"{', '.join(f'{r} {n}' for r, n in its.items())}; JIVE joint rank "
-                   f"{session.directions.meta['joint_rank']}. Move a slider to edit.")
+            meta = session.directions.meta
+            its, eps = meta.get("iterations", {}), meta.get("eps_locality", {})
+            msg = (f"found {len(names)} local directions ({', '.join(names)}) with {meta['method']}; subspace "
+                   f"iterations {', '.join(f'{r} {n}' for r, n in its.items())}; JIVE joint rank "
+                   f"{meta['joint_rank']}; eps-level locality of the first direction "
+                   f"{', '.join(f'{r} {v[0]:.2f}' for r, v in eps.items())}. Move a slider to edit.")
             return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
                     files(session))
 
         discover_outputs = [state, status, *sliders, original, edited, diff, sweep_name, downloads]
-        discover_btn.click(guarded(on_discover, len(discover_outputs)), [state, timestep, k, ind_rank, joint],
+        discover_btn.click(guarded(on_discover, len(discover_outputs)), [state, timestep, k, ind_rank, joint, method],
                            discover_outputs, api_name="discover")
 
         def on_slide(session, *values):
