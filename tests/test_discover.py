@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from localdiff import Directions, LocalDiffError
+from localdiff import Directions, LocalDiffError, LocalEditor
 from localdiff.metrics import eps_locality
 
 from conftest import REGIONS, texture
@@ -152,7 +152,7 @@ def test_half_precision_discovery_keeps_its_linear_algebra_in_float32(small_dir,
         assert largest_principal_angle(found[torch.float32].individual[r], v) < 10.0
 
 
-def test_every_method_gives_local_orthonormal_directions_and_records_eps_locality(editor, discovered):
+def test_every_method_gives_local_orthonormal_directions_and_records_eps_locality(editor, discovered, tmp_path):
     """method= on the same subspaces: each method's directions are orthonormal and recorded with their eps-level
     locality; the ratio method, which maximises it, is the most local; masked is jive without the split."""
     found = {m: editor.discover(texture(), REGIONS, method=m, k=4, individual_rank=2, timestep=0.5, null_rank=2)
@@ -165,6 +165,9 @@ def test_every_method_gives_local_orthonormal_directions_and_records_eps_localit
             assert v.shape == (2, 64 * 8 * 8)
             assert torch.allclose(v @ v.T, torch.eye(2), atol=1e-5)
             assert len(dirs.meta["eps_locality"][r]) == 2
+        dirs.save(tmp_path / f"{m}.safetensors")  # (masked's singular values are views of the region's: copied)
+        back = Directions.load(tmp_path / f"{m}.safetensors")
+        assert back.meta["method"] == m and torch.equal(back.individual["eyes"], dirs.individual["eyes"])
     for r in REGIONS:
         jv = editor.responses(texture(), found["ratio"].individual[r][:1], 0.5)
         assert eps_locality(jv, REGIONS[r]).item() == pytest.approx(found["ratio"].meta["eps_locality"][r][0], abs=1e-4)
@@ -190,3 +193,61 @@ def test_rest_block_joins_the_split(editor, discovered):
     everything = {"all": torch.ones(32, 32, dtype=torch.bool)}
     with pytest.raises(LocalDiffError, match="whole image"):
         editor.discover(texture(), everything, k=2, individual_rank=1, rest_block=True)
+
+
+def test_tracked_directions_follow_the_steps_and_are_applied_per_step(editor, tmp_path):
+    """track=True: one set of directions per DDIM step, equal to the discovery's at its step and close to a cold
+    discovery at the neighbouring steps, sign-continuous; they survive a save/load and render applies each step's
+    own vector."""
+    from dataclasses import replace
+
+    from localdiff.jacobian import largest_principal_angle
+    from localdiff.sampling import ddim_sample
+
+    dirs = editor.discover(texture(), REGIONS, method="masked", k=4, individual_rank=2, timestep=0.5, track=True)
+    steps = dirs.meta["per_step_indices"]
+    assert steps == list(range(10))
+    at = dirs.meta["step_index"]
+    inv = editor.invert(texture())
+    for r in REGIONS:
+        tracked = dirs.per_step[r]
+        assert tracked.shape == (10, 2, 64 * 8 * 8)
+        assert torch.equal(tracked[at], dirs.individual[r])
+        assert ((tracked[:-1] * tracked[1:]).sum(-1) > 0).all()  # each direction keeps its sign from step to step
+    for s in (at - 1, at + 1):  # tracking ~ rediscovering there (1 iteration per step: 35-68 deg off)
+        cold = editor.discover(texture(), REGIONS, method="masked", k=4, individual_rank=2,
+                               timestep=float(inv.schedule.timesteps[s]) / 1000)
+        assert cold.meta["step_index"] == s
+        for r in REGIONS:
+            assert largest_principal_angle(cold.individual[r][:1], dirs.per_step[r][s][:1]) < 15.0, (s, r)
+    path = tmp_path / "tracked.safetensors"
+    dirs.save(path)
+    back = Directions.load(path)
+    assert torch.equal(back.per_step["mouth"], dirs.per_step["mouth"])
+    d = back["mouth"][0]
+    assert torch.equal(d.vector_at(0), dirs.per_step["mouth"][0, 0]) and d.num_steps == 10
+    shape = inv.hs[0].shape
+    expected, _, _ = ddim_sample(editor.model, inv.x_T, inv.schedule,
+                                 delta_h=lambda i: 0.3 * d.unit * d.vector_at(i).reshape(shape))
+    got = editor.render(texture(), [[(d, 0.3)]])[0]
+    assert (got - expected[0]).abs().max() < 1e-5
+    untracked = editor.render(texture(), [[(replace(d, per_step=None, num_steps=None), 0.3)]])[0]
+    assert (got - untracked).abs().max() > 1e-4
+    other = LocalEditor(editor.model, num_steps=6)
+    with pytest.raises(LocalDiffError, match="tracked over 10 DDIM steps"):
+        other.render(texture(), [[(d, 0.3)]])
+
+
+def test_warm_start_converges_at_once():
+    from localdiff.jacobian import subspace_iteration
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    j = (u * torch.logspace(0, -2, 40, dtype=torch.float64)) @ u.T
+    jvp, vjp = (lambda v: v @ j.T), (lambda w: w @ j)
+    cold = subspace_iteration(jvp, vjp, 40, torch.ones(1, 40), 3, tol_deg=0.01, max_iter=100, dtype=torch.float64)
+    warm = subspace_iteration(jvp, vjp, 40, torch.ones(1, 40), 3, tol_deg=0.01, max_iter=100, dtype=torch.float64,
+                              start=cold.vectors)
+    assert cold.iterations[0] > 4 and warm.iterations[0] <= 3
+    with pytest.raises(ValueError, match="start must have shape"):
+        subspace_iteration(jvp, vjp, 40, torch.ones(1, 40), 3, start=torch.zeros(2, 3, 40))

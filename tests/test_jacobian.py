@@ -21,6 +21,19 @@ from localdiff.jacobian import (
 from conftest import REGIONS, texture
 
 
+def decoder_at(model_dir, image, t: int = 500):
+    """The test model's decoder at ``image`` (noise-free latent, timestep ``t``): ``(enc, decode, jvp, vjp, eps)``."""
+    model = load_model(model_dir)
+    with torch.no_grad():
+        enc = model.encode(image, t)
+
+    def decode(h):
+        return model.decode(h, enc.skips, enc.temb)
+
+    jvp, vjp, out = decoder_operators(decode, enc.h)
+    return enc, decode, jvp, vjp, out
+
+
 def matrix_operators(j: torch.Tensor):
     """jvp/vjp of the linear map x -> J x, in the batched row convention of subspace_iteration."""
     return (lambda v: v @ j.T), (lambda u: u @ j)
@@ -94,15 +107,7 @@ def test_masked_regions_in_one_batch_match_explicit_svd():
 
 def test_decoder_jacobian_top3_matches_jacrev_svd(model_dir):
     """The real thing: masked d(eps)/dh of a U-Net with attention at the bottleneck, k = 3."""
-    model = load_model(model_dir)
-    x = texture()
-    with torch.no_grad():
-        enc = model.encode(x, 500)
-
-    def decode(h):
-        return model.decode(h, enc.skips, enc.temb)
-
-    jvp, vjp, out = decoder_operators(decode, enc.h)
+    enc, decode, jvp, vjp, out = decoder_at(model_dir, texture())
     d = enc.h.numel()
     mask = REGIONS["mouth"][None, None].expand(1, out.shape[1], -1, -1).reshape(1, -1).float()
     inside = mask[0].bool()
@@ -184,15 +189,7 @@ def test_ratio_directions_on_a_model_match_the_explicit_jacobian(small_dir):
     model: the same best direction, and it is more local at the eps level than any basis vector."""
     from localdiff.jacobian import ad_friendly_attention, locality_ratio
 
-    model = load_model(small_dir)
-    x = texture(16, seed=2)
-    with torch.no_grad():
-        enc = model.encode(x, 500)
-
-    def decode(h):
-        return model.decode(h, enc.skips, enc.temb)
-
-    jvp, _, out = decoder_operators(decode, enc.h)
+    enc, decode, jvp, _, out = decoder_at(small_dir, texture(16, seed=2))
     d = enc.h.numel()
     region = torch.zeros(16, 16)
     region[2:7, 3:12] = 1

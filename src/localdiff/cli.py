@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest-block", action="store_true",
                    help="jive: add the rest of the image as a block, so that global modes have a block to be "
                         "joint with")
+    p.add_argument("--track", action="store_true",
+                   help="also follow the directions to every DDIM step (per-step directions; edits then need the "
+                        "same --steps)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"start of the subspace iteration (default: {DEFAULTS['seed']})")
     p.add_argument("--max-iter", type=_positive_int, default=DEFAULTS["max_iter"], metavar="N",
                    help=f"subspace iteration limit (default: {DEFAULTS['max_iter']})")
@@ -277,7 +280,8 @@ def cmd_discover(args) -> None:
     image = editor.prepare(image)
     dirs = editor.discover(
         image, region_masks, method=args.method, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
-        individual_rank=args.individual_rank, rest_block=args.rest_block, seed=args.seed, max_iter=args.max_iter,
+        individual_rank=args.individual_rank, rest_block=args.rest_block, track=args.track, seed=args.seed,
+        max_iter=args.max_iter,
     )
     dirs.save(out)  # first: interrupting the grid keeps the finished discovery
     log.info("wrote %s (%s; eps-level locality of each region's first direction: %s)", out,

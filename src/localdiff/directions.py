@@ -46,6 +46,15 @@ class Direction:
     unit: float  # strength 1 adds ``unit * vector`` to h: the norm of h at discovery
     fingerprint: str  # the model it belongs to
     timestep_fraction: float  # where it was discovered (fraction of T); edits start there under window/single
+    # optional: one vector per DDIM step index (tracked from the discovery step), for a schedule of ``num_steps``
+    per_step: dict[int, Tensor] | None = field(default=None, repr=False, compare=False)
+    num_steps: int | None = None
+
+    def vector_at(self, step: int) -> Tensor:
+        """The direction to apply at DDIM step ``step``: its own vector there if it was tracked, else ``vector``."""
+        if self.per_step is not None and step in self.per_step:
+            return self.per_step[step]
+        return self.vector
 
     @property
     def name(self) -> str:
@@ -78,6 +87,9 @@ class Directions:
     masks: dict[str, Tensor]  # region -> bool (R, R)
     region_sigma: dict[str, Tensor]  # region -> (k,) singular values of the masked Jacobian
     meta: dict
+    # optional, discover(per_step=True): region -> (S, r_A, d), the directions tracked to the steps listed in
+    # meta["per_step_indices"] (index j of every step continues index j of the discovery step)
+    per_step: dict[str, Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ access
     @property
@@ -99,8 +111,12 @@ class Directions:
             vecs, sig = self.individual[region], self.individual_sigma[region]
         else:
             raise LocalDiffError(f"no region {region!r} in these directions; regions: {', '.join(self.regions) or 'none'}")
+        tracked = self.per_step.get(region)
+        steps = [int(x) for x in self.meta.get("per_step_indices", [])]
         return RegionDirections(
-            [Direction(region, i, v, float(s), self.unit, self.fingerprint, float(self.meta["timestep_fraction"]))
+            [Direction(region, i, v, float(s), self.unit, self.fingerprint, float(self.meta["timestep_fraction"]),
+                       per_step={st: tracked[j, i] for j, st in enumerate(steps)} if tracked is not None else None,
+                       num_steps=int(self.meta["num_steps"]) if tracked is not None else None)
              for i, (v, s) in enumerate(zip(vecs, sig))]
         )
 
@@ -145,12 +161,17 @@ class Directions:
         """Write a safetensors file (atomically: no partial file on failure)."""
         from safetensors.torch import save_file
 
-        tensors = {"joint": self.joint.detach().float().cpu().contiguous()}
+        def own(t: Tensor) -> Tensor:  # a copy of its own: safetensors refuses tensors that share memory
+            return t.detach().float().cpu().contiguous().clone()
+
+        tensors = {"joint": own(self.joint)}
         for r in self.regions:
-            tensors[f"individual/{r}"] = self.individual[r].detach().float().cpu().contiguous()
-            tensors[f"individual_sigma/{r}"] = self.individual_sigma[r].detach().float().cpu().contiguous()
-            tensors[f"mask/{r}"] = self.masks[r].detach().to(torch.uint8).cpu().contiguous()
-            tensors[f"region_sigma/{r}"] = self.region_sigma[r].detach().float().cpu().contiguous()
+            tensors[f"individual/{r}"] = own(self.individual[r])
+            tensors[f"individual_sigma/{r}"] = own(self.individual_sigma[r])
+            tensors[f"mask/{r}"] = self.masks[r].detach().to(torch.uint8).cpu().contiguous().clone()
+            tensors[f"region_sigma/{r}"] = own(self.region_sigma[r])
+            if r in self.per_step:
+                tensors[f"per_step/{r}"] = own(self.per_step[r])
         meta = dict(self.meta, regions=self.regions, format_version=FORMAT_VERSION)
         with atomic_write(path) as tmp:
             save_file(tensors, str(tmp), metadata={"localdiff": json.dumps(meta, sort_keys=True)})
@@ -196,6 +217,7 @@ class Directions:
                 masks={r: tensors[f"mask/{r}"].bool() for r in regions},
                 region_sigma={r: tensors[f"region_sigma/{r}"] for r in regions},
                 meta=meta,
+                per_step={r: tensors[f"per_step/{r}"] for r in regions if f"per_step/{r}" in tensors},
             )
         except KeyError as exc:
             raise LocalDiffError(f"{path} is missing tensor {exc}; the file is incomplete") from None
@@ -236,6 +258,15 @@ class Directions:
                 return f"tensor individual_sigma/{r} does not hold one finite value per direction"
             if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
                 return f"mask/{r} has shape {tuple(mask.shape)}, not a square image"
+        if self.per_step:
+            steps = m.get("per_step_indices")
+            if not isinstance(steps, list) or not all(isinstance(x, int) and 0 <= x < num_steps for x in steps):
+                return "per_step_indices is not a list of step indices of its schedule"
+            for r, t in self.per_step.items():
+                if r not in self.individual or t.shape != (len(steps), *self.individual[r].shape):
+                    return f"tensor per_step/{r} does not hold one set of directions per tracked step"
+                if not torch.isfinite(t).all():
+                    return f"tensor per_step/{r} holds NaN or infinite values"
         return None
 
     # ------------------------------------------------------------------ display
@@ -254,6 +285,7 @@ class Directions:
             f"source image      sha256:{m.get('source_image_hash')}",
             f"created with      localdiff {m.get('localdiff_version')}",
             f"joint directions  {len(self.joint)}",
+            f"per-step          {'tracked to ' + str(len(m.get('per_step_indices', []))) + ' DDIM steps' if self.per_step else 'no (one direction for every step)'}",
             "regions:",
         ]
         its = m.get("iterations", {})

@@ -114,6 +114,7 @@ def subspace_iteration(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    start: Tensor | None = None,
 ) -> SubspaceResult:
     """Top-``k`` right singular vectors of ``m_i * J`` for every mask ``m_i`` (rows of ``masks``, (N, out)).
 
@@ -123,6 +124,8 @@ def subspace_iteration(
     move is below ``tol_deg / 10`` (at the float noise floor the moves stop shrinking). ``seed`` fixes the start,
     independent of ``device``. ``dtype`` is the model's: tangents and cotangents go to ``jvp``/``vjp`` in it, while
     the orthonormalisation and the results use :func:`linalg_dtype` (float32 for bfloat16/float16 models).
+    ``start`` (N, q', d), q' <= k + oversample, warm-starts the iteration (e.g. from a neighbouring timestep's
+    vectors); the remaining rows of the block are random as without it.
     """
     n_regions = masks.shape[0]
     q = min(k + oversample, dim)
@@ -131,8 +134,12 @@ def subspace_iteration(
     work = linalg_dtype(dtype)
     masks = masks.to(device=device, dtype=work)
     gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64)
-    v = orthonormal_rows(start).to(device=device, dtype=work)
+    init = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64)
+    if start is not None:
+        if start.shape[0] != n_regions or start.shape[1] > q or start.shape[2] != dim:
+            raise ValueError(f"start must have shape ({n_regions}, <= {q}, {dim}), got {tuple(start.shape)}")
+        init[:, :start.shape[1]] = start.detach().to("cpu", torch.float64)
+    v = orthonormal_rows(init).to(device=device, dtype=work)
 
     vectors = torch.zeros(n_regions, k, dim, dtype=work, device=device)
     sigma = torch.zeros(n_regions, k, dtype=work, device=device)

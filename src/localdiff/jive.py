@@ -170,15 +170,7 @@ def jive(
     one per block; each is capped by what the block has left after the joint part. With ``normalize`` each block
     is divided by its Frobenius norm first, so that no region dominates the joint space.
     """
-    if not blocks:
-        raise ValueError("jive needs at least one block")
-    d = blocks[0].shape[-1]
-    if any(x.ndim != 2 or x.shape[-1] != d for x in blocks):
-        raise ValueError("jive blocks must be 2-D with the same number of columns")
-    out_dtype = blocks[0].dtype
-    xs = [x.to(torch.float64) for x in blocks]
-    if normalize:
-        xs = [x / x.norm().clamp(min=1e-300) for x in xs]
+    xs, d, out_dtype = _prepare_blocks(blocks, normalize, "jive")
     if joint_rank is None:
         joint_rank = ajive_joint_rank(xs, signal_ranks_of(xs)).rank if _ajive_applies(xs) else 0
     ranks = [individual_rank] * len(xs) if isinstance(individual_rank, int) else list(individual_rank)
@@ -228,6 +220,20 @@ def jive(
     return JiveResult(w.to(out_dtype), individual, individual_sigma, joint_rank, it, converged, resid)
 
 
+def _prepare_blocks(blocks: list[Tensor], normalize: bool, who: str) -> tuple[list[Tensor], int, torch.dtype]:
+    """Validate ``blocks`` (2-D, same columns) and return them in float64 (divided by their Frobenius norms with
+    ``normalize``), their column count and the dtype results go back in."""
+    if not blocks:
+        raise ValueError(f"{who} needs at least one block")
+    d = blocks[0].shape[-1]
+    if any(x.ndim != 2 or x.shape[-1] != d for x in blocks):
+        raise ValueError(f"{who} blocks must be 2-D with the same number of columns")
+    xs = [x.to(torch.float64) for x in blocks]
+    if normalize:
+        xs = [x / x.norm().clamp(min=1e-300) for x in xs]
+    return xs, d, blocks[0].dtype
+
+
 def _ajive_applies(xs: list[Tensor]) -> bool:
     """AJIVE's bounds need two blocks, each with a signal and a noise part (at least two rows)."""
     return len(xs) >= 2 and all(min(x.shape) >= 2 for x in xs)
@@ -259,15 +265,7 @@ def ajive(
     One block, or blocks of a single row, have no joint part. ``iterations`` is 1; the rank estimate, when made,
     is in ``estimate``.
     """
-    if not blocks:
-        raise ValueError("ajive needs at least one block")
-    d = blocks[0].shape[-1]
-    if any(x.ndim != 2 or x.shape[-1] != d for x in blocks):
-        raise ValueError("ajive blocks must be 2-D with the same number of columns")
-    out_dtype = blocks[0].dtype
-    xs = [x.to(torch.float64) for x in blocks]
-    if normalize:
-        xs = [x / x.norm().clamp(min=1e-300) for x in xs]
+    xs, d, out_dtype = _prepare_blocks(blocks, normalize, "ajive")
     ranks = (list(individual_rank) if isinstance(individual_rank, (list, tuple))
              else [individual_rank] * len(xs))
     if len(ranks) != len(xs):

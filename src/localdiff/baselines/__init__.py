@@ -46,9 +46,18 @@ class MethodDirections:
     unit: float  # strength 1 moves h (or x_t) by this much: its norm at discovery
     fingerprint: str
     info: dict = field(default_factory=dict)
+    # h-space methods discovered with track=True: region -> (S, r, d) for the DDIM step indices ``steps`` of a
+    # schedule of ``num_steps``
+    per_step: dict[str, Tensor] | None = None
+    steps: list[int] | None = None
+    num_steps: int | None = None
 
     def direction(self, region: str, index: int = 0) -> Direction:
-        return Direction(region, index, self.vectors[region][index], 1.0, self.unit, self.fingerprint, self.timestep)
+        tracked = None
+        if self.per_step is not None and region in self.per_step:
+            tracked = {s: self.per_step[region][j, index] for j, s in enumerate(self.steps or [])}
+        return Direction(region, index, self.vectors[region][index], 1.0, self.unit, self.fingerprint, self.timestep,
+                         per_step=tracked, num_steps=self.num_steps if tracked is not None else None)
 
 
 Discoverer = Callable[..., MethodDirections]

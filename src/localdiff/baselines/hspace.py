@@ -19,14 +19,18 @@ def _discovered(method: str):
             timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"], oversample: int = DEFAULTS["oversample"],
             joint_rank: int | None = DEFAULTS["joint_rank"], individual_rank: int = DEFAULTS["individual_rank"],
             rest_block: bool = DEFAULTS["rest_block"], null_rank: int = DEFAULTS["null_rank"],
-            max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0,
-            **_) -> MethodDirections:
+            track: bool = DEFAULTS["track"], max_iter: int = DEFAULTS["max_iter"],
+            tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
         dirs = editor.discover(image, masks, method=method, timestep=timestep, k=k, oversample=oversample,
                                joint_rank=joint_rank, individual_rank=individual_rank, rest_block=rest_block,
-                               null_rank=null_rank, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+                               null_rank=null_rank, track=track, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
         info = {key: dirs.meta[key] for key in ("joint_rank", "null_rank", "eps_locality") if key in dirs.meta}
-        return MethodDirections(method, "h", {r: v.cpu() for r, v in dirs.individual.items()}, timestep, dirs.unit,
-                                dirs.fingerprint, info=info)
+        md = MethodDirections(method, "h", {r: v.cpu() for r, v in dirs.individual.items()}, timestep, dirs.unit,
+                              dirs.fingerprint, info=info)
+        if dirs.per_step:
+            md.per_step, md.steps = dict(dirs.per_step), list(dirs.meta["per_step_indices"])
+            md.num_steps = int(dirs.meta["num_steps"])
+        return md
 
     run.__name__ = f"{method}_directions"
     run.__doc__ = f":meth:`LocalEditor.discover` with ``method={method!r}``: the regions' local directions."
