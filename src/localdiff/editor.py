@@ -75,6 +75,9 @@ Edit = tuple[Direction, float]
 
 # How discovery turns the regions' Jacobian subspaces into local directions (LocalEditor.discover).
 DISCOVERY_METHODS = ("jive", "masked", "nullspace", "ratio")
+# Samples for AJIVE's two bounds in discovery. Measured on three (3, 16384) blocks: 200 samples put both bounds
+# within 0.1 % of 1,000 samples' (AJIVE's published default) in 0.9 s instead of 4.0 s on 2 cores.
+AJIVE_SAMPLES = 200
 # Subspace iterations per step when directions are tracked from step to step (discover(track=True)). Measured on
 # the test model (masked method, 10 steps): after 1 iteration the tracked direction is 35-68 deg from a cold
 # discovery at that step, after 3 it is 2-12 deg.
@@ -113,7 +116,7 @@ def _split(method: str, subs: dict, jvp, flat_masks: list[Tensor], *, keep: int,
             blocks.append(subs["rest"].sigma[0, :, None] * subs["rest"].vectors[0])
             if isinstance(ranks, list):
                 ranks = ranks + [1]
-        split = ajive(blocks, ranks, joint_rank=joint_rank, seed=seed)
+        split = ajive(blocks, ranks, joint_rank=joint_rank, seed=seed, samples=AJIVE_SAMPLES)
         info = dict(signal_ranks=split.signal_ranks, individual_signal_ranks=split.individual_signal_ranks[:n])
         if split.estimate is not None:
             info["joint_rank_bounds"] = dict(random=split.estimate.random_bound, wedin=split.estimate.wedin_bound)
