@@ -30,7 +30,7 @@ from torch import Tensor
 from localdiff.directions import Direction, Directions, check_region_name
 from localdiff.errors import LocalDiffError
 from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_pil
-from localdiff.masks import load_mask
+from localdiff.masks import load_mask, pixel_masks
 from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, locality_ratio, orthonormal_rows,
                                 project_out, subspace_iteration)
 from localdiff.jive import ajive
@@ -316,8 +316,7 @@ class LocalEditor:
                             "convergence (tol_deg %.3g); raise max_iter for a tighter subspace", n, its, err, tol_deg)
         model = self.model
         _, jvp, _, out = self._decoder_at(inv, step, chunk_size)
-        flat_masks = [m.to(out.device, torch.float64)[None].expand(out.shape[1], -1, -1).reshape(-1)
-                      for m in region_list]
+        flat_masks = list(pixel_masks(region_list, out.shape[1], out.double()))
         keep = individual_rank if individual_rank is not None else min(3, k)
         chosen, sigmas, joint, info = _split(method, subs, jvp, flat_masks, keep=keep, individual_rank=individual_rank,
                                              joint_rank=joint_rank, seed=seed, model=model)
@@ -391,9 +390,8 @@ class LocalEditor:
                 _, jvp, vjp, out = self._decoder_at(inv, s, chunk_size)
                 new = {}
                 for group, group_masks, group_k in groups:
-                    stack = torch.stack([m.to(model.device, model.dtype) for m in group_masks])
-                    flat = stack[:, None].expand(-1, out.shape[1], -1, -1).reshape(len(group_masks), -1)
-                    new[group] = subspace_iteration(jvp, vjp, dim, flat, group_k, oversample=oversample,
+                    new[group] = subspace_iteration(jvp, vjp, dim, pixel_masks(group_masks, out.shape[1], out),
+                                                    group_k, oversample=oversample,
                                                     max_iter=TRACK_ITER, tol_deg=0.0, seed=seed, dtype=model.dtype,
                                                     device=model.device, start=prev_subs[group].vectors)
                 found, _, _, _ = _split(method, new, jvp, flat_masks, keep=counts, individual_rank=counts,
@@ -427,8 +425,7 @@ class LocalEditor:
             self._subspaces.move_to_end(key)
             return self._subspaces[key]
         enc, jvp, vjp, out = self._decoder_at(inv, step, chunk_size)
-        mask_stack = torch.stack([m.to(model.device, model.dtype) for m in masks])
-        mask_out = mask_stack[:, None].expand(-1, out.shape[1], -1, -1).reshape(len(masks), -1)
+        mask_out = pixel_masks(list(masks), out.shape[1], out)
         res = subspace_iteration(
             jvp, vjp, enc.h[0].numel(), mask_out, k, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg,
             seed=seed, dtype=model.dtype, device=model.device, progress=self.progress,

@@ -29,6 +29,13 @@ def template_names() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.png"))
 
 
+def pixel_masks(masks: list[Tensor], channels: int, like: Tensor) -> Tensor:
+    """(R, R) masks as rows over every output element (N, channels * R * R), on ``like``'s device and dtype: the
+    masks the Jacobian code multiplies flattened outputs with."""
+    stack = torch.stack([m.to(like.device, like.dtype) for m in masks])
+    return stack[:, None].expand(-1, channels, -1, -1).reshape(len(masks), -1)
+
+
 def template_path(name: str) -> Path:
     path = TEMPLATE_DIR / f"{name}.png"
     if not path.is_file():

@@ -14,6 +14,7 @@ from localdiff.baselines import MethodDirections, most_local, picked_first
 from localdiff.editor import DEFAULTS, LocalEditor
 from localdiff.images import ImageLike
 from localdiff.jacobian import decoder_operators, fix_signs, project_out, subspace_iteration
+from localdiff.masks import pixel_masks
 
 
 def _latent_at(editor: LocalEditor, image: ImageLike, timestep: float):
@@ -36,11 +37,6 @@ def _x0_operators(editor: LocalEditor, image: ImageLike, timestep: float):
     return jvp, vjp, out, x_t
 
 
-def _pixel_masks(masks: list[Tensor], channels: int, like: Tensor) -> Tensor:
-    stack = torch.stack([m.to(like.device, like.dtype) for m in masks])
-    return stack[:, None].expand(-1, channels, -1, -1).reshape(len(masks), -1)
-
-
 def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *, timestep: float = 0.6,
               k: int = 3, null_rank: int = 5, oversample: int = DEFAULTS["oversample"],
               max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0,
@@ -50,7 +46,7 @@ def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor]
     model = editor.model
     names = list(masks)
     jvp, vjp, out, x_t = _x0_operators(editor, image, timestep)
-    pixel = _pixel_masks([masks[n].float() for n in names] + [1 - masks[n].float() for n in names],
+    pixel = pixel_masks([masks[n].float() for n in names] + [1 - masks[n].float() for n in names],
                          out.shape[1], out)
     res = subspace_iteration(jvp, vjp, x_t[0].numel(), pixel, max(k, null_rank), oversample=oversample,
                              max_iter=max_iter, tol_deg=tol_deg, seed=seed, dtype=model.dtype, device=model.device,
