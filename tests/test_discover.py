@@ -48,6 +48,22 @@ def test_forced_joint_part_is_orthogonal_to_the_local_directions(editor):
         assert (dirs.individual[r] @ dirs.joint.T).abs().max() < 1e-5
 
 
+def test_permutation_rule_runs_locks_jive(editor):
+    """joint_rank="permutation": Lock et al.'s test and alternation; the test's numbers are in meta, the rank is
+    the count of observed singular values above their thresholds, the local directions are orthogonal to the joint
+    ones; a misspelt rule is refused."""
+    dirs = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank="permutation")
+    test = dirs.meta["joint_rank_test"]
+    assert dirs.meta["joint_rank_rule"] == "permutation"
+    above = [o > t for o, t in zip(test["observed"], test["thresholds"])] + [False]
+    assert dirs.meta["joint_rank"] == above.index(False) == len(dirs.joint)
+    for r in dirs.regions:
+        assert dirs.individual[r].shape[0] == 2
+        assert (dirs.individual[r] @ dirs.joint.T).abs().max() < 1e-5
+    with pytest.raises(LocalDiffError, match="permutation"):
+        editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank="perm")
+
+
 def test_discovery_is_deterministic_for_a_seed(editor):
     """Two editors with empty caches give the same directions for a seed, and another seed gives others (three
     iterations are not converged, so the start shows)."""

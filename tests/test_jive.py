@@ -174,3 +174,39 @@ def test_ajive_agrees_with_mvlearn(r_joint, seed):
     for mine, u in zip(ours.individual, theirs.individual_scores_):
         assert u is not None and u.shape[1] == len(mine)
         assert largest_principal_angle(torch.from_numpy(np.ascontiguousarray(u.T)), mine) < 1.0
+
+
+@pytest.mark.parametrize("r_joint, seed", [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)])
+def test_permutation_test_recovers_a_weak_planted_joint_part(r_joint, seed):
+    """Lock et al.'s permutation test in the realistic regime, and Lock's JIVE with the rank it chooses: the
+    planted joint rank and space, individual spaces orthogonal to it."""
+    from localdiff.jive import permutation_joint_rank
+
+    xs, w, inds = realistic_blocks(r_joint=r_joint, seed=seed)
+    # on the blocks themselves the strong individual directions hide the weaker joint one ...
+    assert permutation_joint_rank(xs, samples=100, seed=seed).rank == 0
+    # ... so JIVE tests the blocks minus their individual parts
+    res = jive(xs, joint_rank="permutation", individual_rank=3)
+    assert res.joint_rank == r_joint and res.estimate.rank == r_joint
+    if r_joint:
+        assert largest_principal_angle(w, res.joint) < 12.0
+    for truth, got in zip(inds, res.individual):
+        assert largest_principal_angle(truth, got) < 12.0
+
+
+def test_permutation_test_counts_a_part_shared_by_some_blocks():
+    """Stacking adds the energy of a direction shared by two of three blocks: the permutation test counts it
+    (documented), AJIVE's bounds, which ask for all blocks, do not."""
+    from localdiff.jive import ajive_joint_rank
+
+    xs, _, _ = realistic_blocks(r_joint=0, seed=4)
+    g = torch.Generator().manual_seed(9)
+    shared = orthonormal_rows(torch.randn(1, xs[0].shape[1], generator=g, dtype=torch.float64))
+    xs = [x + (0.1 * torch.randn(x.shape[0], 1, generator=g, dtype=torch.float64) @ shared if i < 2 else 0)
+          for i, x in enumerate(xs)]
+    xs = [x / x.norm() for x in xs]
+    res = jive(xs, joint_rank="permutation", individual_rank=3)
+    assert res.joint_rank == 1 and largest_principal_angle(shared, res.joint) < 12.0
+    assert ajive_joint_rank(xs, signal_ranks_of(xs), samples=300).rank == 0
+    with pytest.raises(ValueError, match="permutation"):
+        jive(xs, joint_rank="bounds", individual_rank=2)

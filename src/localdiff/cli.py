@@ -67,9 +67,11 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
-def _rank(text: str) -> int | None:
-    """A JIVE rank: a whole number >= 0, or ``auto``."""
-    return None if text == "auto" else _whole_number(text, 0)
+def _joint_rank(text: str) -> int | str | None:
+    """A JIVE joint rank: a whole number >= 0, ``auto`` (AJIVE's bounds) or ``permutation`` (Lock's test)."""
+    if text in ("auto", "permutation"):
+        return None if text == "auto" else text
+    return _whole_number(text, 0)
 
 
 def _rank_or_auto_positive(text: str) -> int | None:
@@ -116,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the regions' Jacobian subspaces become local directions: jive (AJIVE split, the "
                         "paper), masked (top singular vectors), nullspace (projected off the outside's), ratio "
                         f"(most in-region per out-of-region change) (default: {DEFAULTS['method']})")
-    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R",
-                   help="jive: joint rank, or auto (AJIVE's bounds; default: auto)")
+    p.add_argument("--joint-rank", type=_joint_rank, default=None, metavar="R",
+                   help="jive: joint rank, auto (AJIVE's bounds) or permutation (Lock et al.'s test and "
+                        "alternation) (default: auto)")
     p.add_argument("--individual-rank", type=_rank_or_auto_positive, default=DEFAULTS["individual_rank"],
                    metavar="R", help=f"local directions per region, or auto (jive: AJIVE's rule) "
                                      f"(default: {DEFAULTS['individual_rank']})")
@@ -186,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
                    help=f"h-space edit schedule (default: {DEFAULTS['schedule']})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer evaluation")
-    p.add_argument("--joint-rank", type=_rank, default=None, metavar="R",
-                   help="JIVE joint rank for the jive method, or auto (default: auto)")
+    p.add_argument("--joint-rank", type=_joint_rank, default=None, metavar="R",
+                   help="JIVE joint rank for the jive method: a number, auto (AJIVE's bounds) or permutation "
+                        "(default: auto)")
     p.epilog = ("Finished faces are recorded in OUT_DIR/progress/ as the run goes: run the same command again after "
                 "an interruption and it goes on from there.")
     p.add_argument("--quick", action="store_true",

@@ -33,7 +33,7 @@ from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_
 from localdiff.masks import load_mask, pixel_masks
 from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, locality_ratio, orthonormal_rows,
                                 project_out, subspace_iteration)
-from localdiff.jive import ajive
+from localdiff.jive import ajive, jive
 from localdiff.model import DiffusionModel, load_model
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
@@ -102,7 +102,7 @@ def _mask_groups(method: str, regions: list[Tensor], *, k: int, null_rank: int, 
 
 
 def _split(method: str, subs: dict, jvp, flat_masks: list[Tensor], *, keep: int, individual_rank,
-           joint_rank: int | None, seed: int, model) -> tuple[list[Tensor], list[Tensor] | None, Tensor, dict]:
+           joint_rank: int | str | None, seed: int, model) -> tuple[list[Tensor], list[Tensor] | None, Tensor, dict]:
     """The regions' local directions from their subspaces (``subs``: group -> SubspaceResult) by ``method``.
     Returns ``(directions per region, their singular values or None, joint directions, info for meta)``."""
     res = subs["regions"]
@@ -116,10 +116,20 @@ def _split(method: str, subs: dict, jvp, flat_masks: list[Tensor], *, keep: int,
             blocks.append(subs["rest"].sigma[0, :, None] * subs["rest"].vectors[0])
             if isinstance(ranks, list):
                 ranks = ranks + [1]
-        split = ajive(blocks, ranks, joint_rank=joint_rank, seed=seed, samples=AJIVE_SAMPLES)
-        info = dict(signal_ranks=split.signal_ranks, individual_signal_ranks=split.individual_signal_ranks[:n])
-        if split.estimate is not None:
-            info["joint_rank_bounds"] = dict(random=split.estimate.random_bound, wedin=split.estimate.wedin_bound)
+        if joint_rank == "permutation":  # Lock et al.'s JIVE: their permutation test, then the alternation
+            if ranks is None:
+                ranks = keep
+            split = jive(blocks, "permutation", ranks)
+            info = dict(joint_rank_rule="permutation")
+            if split.estimate is not None:
+                info["joint_rank_test"] = dict(observed=split.estimate.observed[:8].tolist(),
+                                               thresholds=split.estimate.thresholds[:8].tolist())
+        else:  # AJIVE: the joint rank given, or chosen by its bounds
+            split = ajive(blocks, ranks, joint_rank=joint_rank, seed=seed, samples=AJIVE_SAMPLES)
+            info = dict(joint_rank_rule="given" if joint_rank is not None else "ajive",
+                        signal_ranks=split.signal_ranks, individual_signal_ranks=split.individual_signal_ranks[:n])
+            if split.estimate is not None:
+                info["joint_rank_bounds"] = dict(random=split.estimate.random_bound, wedin=split.estimate.wedin_bound)
         return split.individual[:n], split.individual_sigma[:n], split.joint, info
     keeps = [keep] * n if isinstance(keep, int) else list(keep)
     if method == "masked":
@@ -246,7 +256,7 @@ class LocalEditor:
         timestep: float = DEFAULTS["timestep"],
         k: int = DEFAULTS["k"],
         oversample: int = DEFAULTS["oversample"],
-        joint_rank: int | None = DEFAULTS["joint_rank"],
+        joint_rank: int | str | None = DEFAULTS["joint_rank"],
         individual_rank: int | None = DEFAULTS["individual_rank"],
         rest_block: bool = DEFAULTS["rest_block"],
         null_rank: int = DEFAULTS["null_rank"],
@@ -264,10 +274,13 @@ class LocalEditor:
         region (``None``: as many as AJIVE's individual-rank rule finds for ``jive``, at least one and at most
         ``k``; the other methods then keep ``min(3, k)``):
 
-        * ``jive`` (Kouzelis et al., Algorithm 1): AJIVE removes the ``joint_rank`` directions shared by all
-          regions (``None``: chosen by AJIVE's bounds) and keeps each region's individual ones. ``rest_block``
-          adds the rest of the image (outside every region) as one more block, so that global modes have a block
-          to be joint with.
+        * ``jive`` (Kouzelis et al., Algorithm 1): removes the ``joint_rank`` directions shared by the regions
+          and keeps each region's individual ones. ``joint_rank=None``: AJIVE, with the rank chosen by its bounds
+          (directions shared by *all* regions); ``"permutation"``: Lock et al.'s JIVE, with the rank chosen by
+          their permutation test (it also counts directions shared by some regions); a number: AJIVE with that
+          rank. Give JIVE more singular vectors (``k``, e.g. 16) than it keeps (``individual_rank``, 2-3): shared
+          modes sit below each region's top few. ``rest_block`` adds the rest of the image (outside every region)
+          as one more block, so that global modes have a block to be joint with.
         * ``masked``: each region's top singular vectors, nothing removed (Haas et al. with a mask).
         * ``nullspace``: each region's top vectors projected off the top ``null_rank`` directions of the
           Jacobian outside it (the LOCO Edit / RBE idea).
@@ -294,7 +307,11 @@ class LocalEditor:
                                  f"dimensions), got {oversample}")
         if individual_rank is not None and not 1 <= individual_rank <= k:
             raise LocalDiffError(f"individual rank must be in 1..k={k}, got {individual_rank}")
-        if joint_rank is not None and not 0 <= joint_rank < k * len(masks):
+        if isinstance(joint_rank, str):
+            if joint_rank != "permutation":
+                raise LocalDiffError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation' (Lock et "
+                                     f"al.'s test), got {joint_rank!r}")
+        elif joint_rank is not None and not 0 <= joint_rank < k * len(masks):
             raise LocalDiffError(f"joint rank must be in 0..{k * len(masks) - 1}, got {joint_rank}")
         if not 1 <= null_rank <= min(MAX_K, dim):
             raise LocalDiffError(f"null rank must be in 1..{min(MAX_K, dim)}, got {null_rank}")

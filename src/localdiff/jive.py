@@ -34,7 +34,8 @@ class JiveResult:
     iterations: int
     converged: bool
     residual: float  # final sum_i |X_i - C_i - A_i|_F^2 (after block normalisation)
-    estimate: "JointRankEstimate | None" = None  # AJIVE's rank estimate, when the joint rank was chosen by it
+    # the joint rank's estimate when it was chosen: AJIVE's bounds (JointRankEstimate) or the permutation test
+    estimate: "JointRankEstimate | PermutationRankEstimate | None" = None
     signal_ranks: list[int] | None = None  # AJIVE: each block's signal rank
     individual_signal_ranks: list[int] | None = None  # AJIVE: singular values above each block's threshold
 
@@ -153,9 +154,77 @@ def ajive_joint_rank(blocks: list[Tensor], signal_ranks: list[int], *, samples: 
                              above - len(keep))
 
 
+@dataclass
+class PermutationRankEstimate:
+    """Lock et al.'s permutation test for the joint rank, and the numbers behind it."""
+
+    rank: int
+    observed: Tensor  # singular values of the stacked blocks
+    thresholds: Tensor  # the ``percentile`` of the same singular values with each block's columns permuted
+
+
+def permutation_joint_rank(blocks: list[Tensor], *, samples: int = 100, percentile: float = 95.0,
+                           seed: int = 0) -> PermutationRankEstimate:
+    """Joint rank by the permutation test of JIVE's authors (Lock et al. 2013, as in ``r.jive``), in one pass.
+
+    The singular values of the stacked blocks [X_1; ...; X_K] are compared with their ``percentile`` over
+    ``samples`` restacks in which the columns (the shared dimension) of every block but the first are permuted
+    independently, which keeps each block's own spectrum but breaks any alignment between blocks. The joint rank
+    is the number of leading singular values that exceed their threshold, counted until the first that does not.
+
+    Run on the blocks themselves, strong individual directions hide a weaker joint one (they fill the leading
+    singular values); :func:`jive` therefore runs it, as Lock et al. do, on the blocks minus their individual
+    parts (:func:`_permutation_rank`). Unlike AJIVE's bounds it also counts directions shared by only some of the
+    blocks, because stacking adds their energy. Blocks should be normalised alike (e.g. by their Frobenius norms)
+    beforehand.
+    """
+    if len(blocks) < 2:
+        raise ValueError("a joint rank needs at least two blocks")
+    xs = [x.to(torch.float64) for x in blocks]
+    d = xs[0].shape[1]
+    g = torch.Generator().manual_seed(seed)
+
+    def stacked_singular_values(parts: list[Tensor]) -> Tensor:
+        stack = torch.cat(parts)  # the Gram matrix is small: rows = sum of the blocks' rows
+        return torch.linalg.eigvalsh(stack @ stack.T).flip(0).clamp(min=0).sqrt()
+
+    observed = stacked_singular_values(xs)
+    permuted = torch.stack([
+        stacked_singular_values([xs[0]] + [x[:, torch.randperm(d, generator=g)] for x in xs[1:]])
+        for _ in range(samples)
+    ])
+    thresholds = torch.quantile(permuted, percentile / 100, dim=0)
+    above = (observed > thresholds).tolist() + [False]
+    return PermutationRankEstimate(above.index(False), observed, thresholds)
+
+
+def _truncate(x: Tensor, r: int) -> Tensor:
+    """The best rank-``r`` approximation of ``x``."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def _permutation_rank(xs: list[Tensor], ranks: list[int], *, max_rounds: int = 10) -> PermutationRankEstimate:
+    """Lock et al.'s joint-rank estimate: the permutation test on the blocks minus their individual parts,
+    alternated with the individual parts (rank ``ranks[i]``, taken off each block's part outside the joint space)
+    until the rank repeats. It starts from no joint part, so the first individual parts are the blocks' top
+    directions."""
+    a = [_truncate(x, r) for x, r in zip(xs, ranks)]
+    estimate = None
+    for _ in range(max_rounds):
+        rest = [x - ai for x, ai in zip(xs, a)]
+        new = permutation_joint_rank(rest)
+        if estimate is not None and new.rank == estimate.rank:
+            return new
+        estimate = new
+        _, w = _top_right_singular(torch.cat(rest), estimate.rank)
+        a = [_truncate(x - (x @ w.T) @ w, r) for x, r in zip(xs, ranks)]
+    return estimate
+
+
 def jive(
     blocks: list[Tensor],
-    joint_rank: int | None,
+    joint_rank: int | str | None,
     individual_rank: int | list[int],
     *,
     normalize: bool = True,
@@ -166,16 +235,23 @@ def jive(
     alternating algorithm.
 
     ``joint_rank=None`` chooses it with AJIVE's bounds (:func:`ajive_joint_rank`, signal ranks by
-    :func:`signal_ranks_of`). ``individual_rank`` is one rank for all blocks or
+    :func:`signal_ranks_of`), ``"permutation"`` with Lock et al.'s permutation test
+    (:func:`permutation_joint_rank`; the estimate is in ``estimate``). ``individual_rank`` is one rank for all blocks or
     one per block; each is capped by what the block has left after the joint part. With ``normalize`` each block
     is divided by its Frobenius norm first, so that no region dominates the joint space.
     """
     xs, d, out_dtype = _prepare_blocks(blocks, normalize, "jive")
-    if joint_rank is None:
-        joint_rank = ajive_joint_rank(xs, signal_ranks_of(xs)).rank if _ajive_applies(xs) else 0
     ranks = [individual_rank] * len(xs) if isinstance(individual_rank, int) else list(individual_rank)
     if len(ranks) != len(xs):
         raise ValueError("one individual rank per block is needed")
+    estimate = None
+    if joint_rank == "permutation":
+        estimate = _permutation_rank(xs, ranks) if len(xs) > 1 else None
+        joint_rank = estimate.rank if estimate is not None else 0
+    elif joint_rank is None:
+        joint_rank = ajive_joint_rank(xs, signal_ranks_of(xs)).rank if _ajive_applies(xs) else 0
+    elif isinstance(joint_rank, str):
+        raise ValueError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation', got {joint_rank!r}")
     max_joint = min(d, sum(x.shape[0] for x in xs))
     if not 0 <= joint_rank <= max_joint:
         raise ValueError(f"joint rank must be in 0..{max_joint}, got {joint_rank}")
@@ -217,7 +293,8 @@ def jive(
             vh = q.T * sign
         individual.append(vh.to(out_dtype))
         individual_sigma.append(s.to(out_dtype))
-    return JiveResult(w.to(out_dtype), individual, individual_sigma, joint_rank, it, converged, resid)
+    return JiveResult(w.to(out_dtype), individual, individual_sigma, joint_rank, it, converged, resid,
+                      estimate=estimate)
 
 
 def _prepare_blocks(blocks: list[Tensor], normalize: bool, who: str) -> tuple[list[Tensor], int, torch.dtype]:

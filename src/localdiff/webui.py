@@ -156,7 +156,8 @@ def discover(editor: LocalEditor, session: Session, timestep: float, k: int, ind
     image = _need_image(session)
     if not session.masks:
         raise LocalDiffError("choose at least one region (a template or a painted one) before discovering")
-    jr = None if str(joint_rank).strip().lower() in ("", "auto") else _int(joint_rank, "joint rank")
+    text = str(joint_rank).strip().lower()
+    jr = None if text in ("", "auto") else text if text == "permutation" else _int(joint_rank, "joint rank")
     stage = stage or (lambda fraction, text: None)
     stage(0.0, "inverting the image (DDIM)")
     editor.invert(image)
@@ -281,7 +282,7 @@ def build_app(editor: LocalEditor):
                     timestep = gr.Slider(0.05, 1.0, value=DEFAULTS["timestep"], step=0.05, label="timestep (× T)")
                     k = gr.Slider(1, 12, value=DEFAULTS["k"], step=1, label="k (singular vectors per region)")
                     ind_rank = gr.Slider(1, 12, value=DEFAULTS["individual_rank"], step=1, label="local directions per region")
-                    joint = gr.Textbox(value="auto", label="joint rank (jive: auto or a number)")
+                    joint = gr.Textbox(value="auto", label="joint rank (jive: auto, permutation or a number)")
                     method = gr.Dropdown(list(DISCOVERY_METHODS), value=DEFAULTS["method"], label="method",
                                          info="jive: AJIVE split (the paper); masked: top singular vectors; "
                                               "nullspace: projected off the outside's; ratio: most in-region change")
