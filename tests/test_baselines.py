@@ -226,3 +226,43 @@ def test_interrupted_eval_goes_on_where_it_stopped(editor, tmp_path):
     other = EvalSettings(**{**settings.__dict__, "target_change": 0.05})
     with pytest.raises(LocalDiffError, match="other settings .*target_change"):
         Progress(tmp_path / "b", progress_key(other, editor.model, editor.num_steps, REGIONS)).load(["f0"])
+
+
+def test_method_specs_run_and_label_variants(editor):
+    """NAME:key=value,... overrides the shared settings for one method and labels its results; misspellings are
+    refused before any work."""
+    from localdiff.errors import LocalDiffError
+
+    assert baselines.parse_method("jive:k=16,joint_rank=permutation,rest_block=true,tol_deg=0.5") == (
+        "jive", dict(k=16, joint_rank="permutation", rest_block=True, tol_deg=0.5))
+    assert baselines.parse_method("jive:joint_rank=auto") == ("jive", dict(joint_rank=None))
+    for bad in ("jiv", "jive:x=1", "jive:k", "jive:k16"):
+        with pytest.raises(LocalDiffError):
+            baselines.parse_method(bad)
+    spec = "masked:individual_rank=1"
+    md = baselines.discover(spec, editor, texture(16), REGIONS, **SETTINGS)
+    plain = baselines.discover("masked", editor, texture(16), REGIONS, **SETTINGS)
+    assert md.method == spec and plain.method == "masked"
+    for r in REGIONS:
+        assert md.vectors[r].shape[0] == 1 and plain.vectors[r].shape[0] == 2
+        assert torch.allclose(md.vectors[r][0], plain.vectors[r][0])
+
+
+def test_saved_method_directions_keep_their_per_step_vectors(tmp_path):
+    """The evaluation's progress file keeps tracked (per-step) directions, so a resumed run transfers the same
+    edits."""
+    from localdiff.evaluation import load_method_directions, save_method_directions
+
+    g = torch.Generator().manual_seed(0)
+    tracked = baselines.MethodDirections("jive:track=true", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0,
+                                         "abc", per_step={"eyes": torch.randn(4, 2, 8, generator=g)},
+                                         steps=[3, 4, 5, 6], num_steps=10)
+    still = baselines.MethodDirections("masked", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0, "abc")
+    save_method_directions({m.method: m for m in (tracked, still)}, "f0", tmp_path / "p.safetensors")
+    back = load_method_directions(tmp_path / "p.safetensors", "f0")
+    assert torch.equal(back["jive:track=true"].per_step["eyes"], tracked.per_step["eyes"])
+    assert back["jive:track=true"].steps == [3, 4, 5, 6] and back["jive:track=true"].num_steps == 10
+    assert back["masked"].per_step is None
+    d = back["jive:track=true"].direction("eyes")
+    assert torch.equal(d.vector_at(5), tracked.per_step["eyes"][2, 0])
+    assert load_method_directions(tmp_path / "p.safetensors", "f1") is None

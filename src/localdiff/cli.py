@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", metavar="DIR", help="evaluate on the PNG/JPEG images in DIR instead")
     p.add_argument("--mask", action="append", metavar="NAME[=MASK.png]",
                    help="regions: template names or NAME=MASK.png (default: the eyes, nose and mouth templates)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
-                   help=f"methods to compare (default: all of {', '.join(METHODS)})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="M",
+                   help=f"methods to compare (default: all of {', '.join(METHODS)}); a variant is "
+                        f"NAME:key=value,... e.g. jive:k=16,joint_rank=permutation")
     p.add_argument("--target-change", type=_finite_float, default=None, metavar="D",
                    help="matched visibility: mean |change| inside the region, images in [0, 1] (default: 0.08)")
     p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
@@ -410,6 +411,10 @@ def cmd_eval(args) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise LocalDiffError('the evaluation plots need matplotlib; run: pip install -e ".[eval]"') from None
+    from localdiff.baselines import parse_method
+
+    for m in args.methods:
+        parse_method(m)  # a misspelt method is one line, before the model loads
     specs, _ = _parse_masks(args.mask or ["eyes", "nose", "mouth"])
     steps = args.steps or (10 if args.quick else DemoSettings.num_steps)
     editor = _editor(args, steps)

@@ -257,8 +257,11 @@ def save_method_directions(directions: dict, face: str, path) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"{m}/{r}": v.contiguous().cpu() for m, md in directions.items() for r, v in md.vectors.items()}
+    tensors.update({f"{m}/{r}/per_step": v.contiguous().cpu() for m, md in directions.items()
+                    for r, v in (md.per_step or {}).items()})
     meta = {m: dict(space=md.space, timestep=md.timestep, unit=md.unit, fingerprint=md.fingerprint, info=md.info,
-                    regions=list(md.vectors)) for m, md in directions.items()}
+                    regions=list(md.vectors), steps=md.steps, num_steps=md.num_steps)
+            for m, md in directions.items()}
     save_file(tensors, str(path), metadata=dict(face=face, methods=json.dumps(meta)))
 
 
@@ -271,9 +274,15 @@ def load_method_directions(path, face: str) -> dict | None:
         if meta.get("face") != face:
             return None
         methods = json.loads(meta["methods"])
-        return {m: baselines.MethodDirections(m, d["space"], {r: f.get_tensor(f"{m}/{r}") for r in d["regions"]},
-                                              d["timestep"], d["unit"], d["fingerprint"], d["info"])
-                for m, d in methods.items()}
+        keys = set(f.keys())
+        out = {}
+        for m, d in methods.items():
+            per_step = {r: f.get_tensor(f"{m}/{r}/per_step") for r in d["regions"] if f"{m}/{r}/per_step" in keys}
+            out[m] = baselines.MethodDirections(m, d["space"], {r: f.get_tensor(f"{m}/{r}") for r in d["regions"]},
+                                                d["timestep"], d["unit"], d["fingerprint"], d["info"],
+                                                per_step=per_step or None, steps=d.get("steps"),
+                                                num_steps=d.get("num_steps"))
+        return out
 
 
 def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[str, Tensor],
@@ -290,16 +299,15 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
 
     from localdiff.baselines.hspace import fit_hspace_pca
 
-    unknown = [m for m in settings.methods if m not in baselines.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(baselines.METHODS)}")
+    for m in settings.methods:
+        baselines.parse_method(m)  # a misspelt method or setting fails here, before any work
     lp, lpips_note = lpips_status()
     names = [n for n, _ in faces]
     done, rows, timings, panel = resume.load(names) if resume is not None and resume.started else ([], [], {}, {})
     for m in settings.methods:
         timings.setdefault(m, [])
     extra: dict = {}
-    if "pca" in settings.methods and len(done) < len(faces):
+    if any(baselines.parse_method(m)[0] == "pca" for m in settings.methods) and len(done) < len(faces):
         extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DEFAULTS["timestep"]),
                                              n_samples=settings.pca_samples)
     previous: dict[str, tuple[str, object]] = {}

@@ -80,13 +80,51 @@ def _registry() -> dict[str, Discoverer]:
 METHODS = ("jive", "masked", "nullspace", "ratio", "loco", "pca", "pullback")
 
 
+# Settings a method spec may override (``jive:k=16,joint_rank=permutation``): the discovery settings of the
+# h-space methods and the timestep of all.
+SPEC_KEYS = ("timestep", "k", "oversample", "joint_rank", "individual_rank", "rest_block", "null_rank", "track",
+             "max_iter", "tol_deg", "seed")
+
+
+def _spec_value(text: str):
+    low = text.lower()
+    if low in ("auto", "none"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec ``NAME`` or ``NAME:key=value,key=value`` (keys from :data:`SPEC_KEYS`; values are numbers,
+    ``true``/``false``, ``auto`` for None, or words such as ``permutation``) as ``(name, settings)``. Lets the
+    evaluation compare variants of one method side by side, each labelled by its spec."""
+    name, _, rest = spec.partition(":")
+    if name not in METHODS:
+        raise LocalDiffError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (variants: NAME:key=value,...)")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in SPEC_KEYS:
+            raise LocalDiffError(f"method spec {spec!r}: expected key=value with key one of {', '.join(SPEC_KEYS)}, "
+                                 f"got {item!r}")
+        settings[key] = _spec_value(value)
+    return name, settings
+
+
 def discover(method: str, editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor],
              **settings) -> MethodDirections:
-    """Run ``method`` (one of :data:`METHODS`) on ``image`` for the (R, R) ``masks``."""
-    registry = _registry()
-    if method not in registry:
-        raise LocalDiffError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return registry[method](editor, image, masks, **settings)
+    """Run ``method`` (one of :data:`METHODS`, or a variant spec, see :func:`parse_method`) on ``image`` for the
+    (R, R) ``masks``; the spec's settings override ``settings``. The result is labelled with the whole spec."""
+    name, overrides = parse_method(method)
+    md = _registry()[name](editor, image, masks, **{**settings, **overrides})
+    md.method = method
+    return md
 
 
 def render(editor: LocalEditor, image: ImageLike, md: MethodDirections, edits: Sequence[tuple[str, float]], *,
@@ -121,4 +159,4 @@ def picked_first(basis: Tensor, index: int) -> Tensor:
     return torch.cat([basis[index:index + 1], basis[:index], basis[index + 1:]])
 
 
-__all__ = ["METHODS", "MethodDirections", "discover", "render", "most_local", "picked_first"]
+__all__ = ["METHODS", "MethodDirections", "discover", "parse_method", "render", "most_local", "picked_first"]
