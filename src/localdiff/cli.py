@@ -104,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="find local edit directions for regions of an image")
     p.add_argument("image", help="input image (resized to the model's resolution)")
-    p.add_argument("--mask", action="append", required=True, metavar="NAME=MASK.png",
+    p.add_argument("--mask", action="append", default=[], metavar="NAME=MASK.png",
                    help="a region: its name and a mask image (white = region), or the name of a template of the "
                         "default model (eyes, nose, mouth, hair); repeat for several regions")
+    p.add_argument("--auto-masks", metavar="PARTS",
+                   help="regions found on the face by MediaPipe's face mesh, e.g. eyes,mouth (parts: eyes, brows, "
+                        "nose, mouth, face; needs pip install -e \".[masks]\")")
     p.add_argument("--out", required=True, metavar="DIRS.safetensors", help="where to write the directions")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
     p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
@@ -156,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sweep from -S to +S (default: {GRID_STRENGTH})")
     p.add_argument("--frames", type=_positive_int, default=9, help="number of strengths (default: 9)")
     _edit_options(p)
+
+    p = sub.add_parser("masks", help="face-part masks of a face photo (MediaPipe face mesh), one PNG per part")
+    p.add_argument("image", help="a face photo (small images are upsampled for detection)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="writes DIR/<part>.png at the image's size")
+    p.add_argument("--parts", default="eyes,brows,nose,mouth,face", metavar="PARTS",
+                   help="comma-separated parts (default: eyes,brows,nose,mouth,face)")
+    p.add_argument("--quiet", action="store_true", help="only errors")
 
     p = sub.add_parser("info", help="print what a directions file holds")
     p.add_argument("directions", metavar="DIRS.safetensors")
@@ -275,12 +285,25 @@ def cmd_discover(args) -> None:
     out = check_output_path(args.out, (".safetensors",), "--out")
     grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
     image = open_image(args.image)
+    if not args.mask and not args.auto_masks:
+        raise LocalDiffError("give the regions: --mask NAME=MASK.png (or a template name), or --auto-masks eyes,mouth")
     masks, templates = _parse_masks(args.mask)
+    found = {}
+    if args.auto_masks:
+        from localdiff.facemasks import face_part_masks, parse_parts
+
+        parts = parse_parts(args.auto_masks)
+        twice = [n for n in parts if n in masks]
+        if twice:
+            raise LocalDiffError(f"region {twice[0]!r} is given by --mask and --auto-masks; give it once")
+        found = face_part_masks(image, parts)
+        log.info("found %s on the face", ", ".join(f"{n} ({int(m.sum())} px)" for n, m in found.items()))
     editor = _editor(args, args.steps)
     if templates and args.model:
         log.warning("note: mask templates fit the default model's aligned 64x64 faces; check them on your images")
     res = editor.model.resolution
     masks = {n: load_mask(p, res, name=n) if n in templates else p for n, p in masks.items()}
+    masks.update(found)
     region_masks = editor.prepare_masks(masks, image)
     image = editor.prepare(image)
     dirs = editor.discover(
@@ -333,6 +356,16 @@ def cmd_sweep(args) -> None:
     save_image(strip(frames, dirs.masks[direction.region] if direction.region in dirs.masks else None), strip_path)
     save_gif(frames, out)
     log.info("wrote %s and %s", out, strip_path)
+
+
+def cmd_masks(args) -> None:
+    from localdiff.facemasks import face_part_masks, parse_parts, save_masks
+
+    parts = parse_parts(args.parts)
+    image = open_image(args.image)
+    masks = face_part_masks(image, parts)  # everything is found before anything is written
+    for path in save_masks(masks, Path(args.out_dir)):
+        log.info("wrote %s (%d px)", path, int(masks[path.stem].sum()))
 
 
 def cmd_info(args) -> None:
@@ -480,7 +513,7 @@ def _check_port_free(host: str, port: int) -> None:
                                  f"choose another port with --port") from None
 
 
-COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "info": cmd_info,
+COMMANDS = {"discover": cmd_discover, "edit": cmd_edit, "sweep": cmd_sweep, "masks": cmd_masks, "info": cmd_info,
             "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}
 
 
