@@ -30,7 +30,8 @@ def test_parts_sit_on_the_templates_of_the_example_faces(found):
     """The templates are looser than the parts (eyes: about 40 detected pixels against 261), so each detected part
     should lie mostly inside its template. Measured on the six faces: eyes 85-100 % inside, centroids 1.8-4.1 px
     from the template's (the detected eye openings sit above the template's centre, which also covers the lower
-    lids, on faces 1, 3, 4); mouth 69.6-100 % inside (open mouths on faces 2 and 4 are larger than the template),
+    lids, on face_1, face_3, face_4); mouth 69.6-100 % inside (the open mouths of face_2 and face_4 are larger than the
+    template),
     centroids 1.1-2.4 px away."""
     templates = {p: load_mask(template_path(p), 64, name=p) for p in ("eyes", "mouth")}
     for name, masks in found.items():

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-masks", metavar="PARTS",
                    help="regions found on the face by MediaPipe's face mesh, e.g. eyes,mouth (parts: eyes, brows, "
                         "nose, mouth, face; needs pip install -e \".[masks]\")")
+    p.add_argument("--auto-regions", type=_positive_int, metavar="N",
+                   help="instead of masks: N regions found from the model itself (pixels grouped by how its top "
+                        "h-space directions move them; any model, any image), named region1..regionN")
+    p.add_argument("--regions-out", metavar="DIR", help="with --auto-regions: also write the regions as DIR/<name>.png")
+    p.add_argument("--reference", metavar="REF", help="instead of unsupervised directions: one direction per region "
+                   "that moves the image's region towards this image's (e.g. a smile from another face)")
     p.add_argument("--out", required=True, metavar="DIRS.safetensors", help="where to write the directions")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
     p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
@@ -285,8 +291,14 @@ def cmd_discover(args) -> None:
     out = check_output_path(args.out, (".safetensors",), "--out")
     grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
     image = open_image(args.image)
-    if not args.mask and not args.auto_masks:
-        raise LocalDiffError("give the regions: --mask NAME=MASK.png (or a template name), or --auto-masks eyes,mouth")
+    given = sum(map(bool, (args.mask, args.auto_masks, args.auto_regions)))
+    if given == 0:
+        raise LocalDiffError("give the regions: --mask NAME=MASK.png (or a template name), --auto-masks eyes,mouth or "
+                             "--auto-regions N")
+    if args.auto_regions and given > 1:
+        raise LocalDiffError("--auto-regions divides the whole image; give it without --mask or --auto-masks")
+    if args.regions_out and not args.auto_regions:
+        raise LocalDiffError("--regions-out writes the regions of --auto-regions; give --auto-regions N too")
     masks, templates = _parse_masks(args.mask)
     found = {}
     if args.auto_masks:
@@ -304,8 +316,29 @@ def cmd_discover(args) -> None:
     res = editor.model.resolution
     masks = {n: load_mask(p, res, name=n) if n in templates else p for n, p in masks.items()}
     masks.update(found)
+    if args.auto_regions:
+        from localdiff.masks import save_masks
+        from localdiff.regions import auto_regions
+
+        image = editor.prepare(image)
+        masks = auto_regions(editor, image, args.auto_regions, timestep=args.timestep, seed=args.seed)
+        log.info("found %s", ", ".join(f"{n} ({int(m.sum())} px)" for n, m in masks.items()))
+        if args.regions_out:
+            save_masks(masks, Path(args.regions_out))
     region_masks = editor.prepare_masks(masks, image)
     image = editor.prepare(image)
+    if args.reference:
+        reference = editor.prepare(open_image(args.reference, "reference"))
+        dirs = editor.reference_directions(image, reference, region_masks, timestep=args.timestep, k=args.k,
+                                           seed=args.seed, max_iter=args.max_iter,
+                                           reference_name=Path(args.reference).name)
+        dirs.save(out)
+        log.info("wrote %s; to move each region to the reference's, edit with: %s", out,
+                 ", ".join(f"--direction {r}:0 --strength {s:.3f}" for r, s in dirs.meta["reference_strength"].items()))
+        if grid is not None:
+            save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
+            log.info("wrote %s", grid)
+        return
     dirs = editor.discover(
         image, region_masks, method=args.method, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
         individual_rank=args.individual_rank, rest_block=args.rest_block, track=args.track, seed=args.seed,
@@ -359,7 +392,8 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_masks(args) -> None:
-    from localdiff.facemasks import face_part_masks, parse_parts, save_masks
+    from localdiff.facemasks import face_part_masks, parse_parts
+    from localdiff.masks import save_masks
 
     parts = parse_parts(args.parts)
     image = open_image(args.image)

@@ -16,7 +16,6 @@ guess; use the shipped ``hair`` template (default model) or paint it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -110,16 +109,3 @@ def face_part_masks(image: ImageLike, parts: str | Sequence[str] = tuple(FACE_PA
     parts = parse_parts(parts)
     pil = as_pil(image, "image")
     return part_masks_from_landmarks(face_landmarks(pil), pil.size, parts)
-
-
-def save_masks(masks: dict[str, Tensor], out_dir: Path) -> list[Path]:
-    """Write each mask as a white-on-black PNG ``out_dir/<part>.png`` (each file written whole, then renamed)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for part, m in masks.items():
-        path = out_dir / f"{part}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(m.numpy().astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-        tmp.replace(path)
-        paths.append(path)
-    return paths

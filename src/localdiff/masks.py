@@ -89,3 +89,16 @@ def load_mask(mask: ImageLike, resolution: int, *, name: str, image_size: tuple[
     if frac == 1.0:
         raise LocalDiffError(f"mask {name!r} covers the whole image; a region must leave something outside it")
     return m
+
+
+def save_masks(masks: dict[str, Tensor], out_dir: Path) -> list[Path]:
+    """Write each mask as a white-on-black PNG ``out_dir/<part>.png`` (each file written whole, then renamed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part, m in masks.items():
+        path = out_dir / f"{part}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(m.numpy().astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+        tmp.replace(path)
+        paths.append(path)
+    return paths
