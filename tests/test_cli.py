@@ -173,3 +173,25 @@ def test_discover_method_option(files, small_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and not bad.exists()
     assert len(err.strip().splitlines()) == 1 and "magic" in err
+
+
+def test_discover_reference_writes_one_direction_per_region(files, small_dir, tmp_path, capsys):
+    """--reference: one direction per region, the reference and its natural strength recorded and printed; the
+    image itself as its reference is one line and exit 2, with no file."""
+    from localdiff import Directions
+
+    ref = tmp_path / "ref.png"
+    Image.open(files / "face.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(ref)
+    out = tmp_path / "ref.safetensors"
+    code, _, err = run(["discover", files / "face.png", "--reference", ref, "--mask", f"top={files / 'top.png'}",
+                        "--model", small_dir, "--steps", "6", "--k", "3", "--max-iter", "4", "--out", out], capsys)
+    assert code == 0 and "--direction top:0 --strength" in err
+    dirs = Directions.load(out)
+    assert dirs.meta["method"] == "reference" and dirs.meta["reference_name"] == "ref.png"
+    assert dirs.individual["top"].shape[0] == 1 and dirs.meta["reference_strength"]["top"] > 0
+    same = tmp_path / "same.safetensors"
+    code, _, err = run(["discover", files / "face.png", "--reference", files / "face.png", "--mask",
+                        f"top={files / 'top.png'}", "--model", small_dir, "--steps", "6", "--out", same], capsys)
+    assert code == 2 and not same.exists()
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "localdiff: error: the reference is the image itself; give another image to move the region towards"]

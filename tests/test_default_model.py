@@ -50,3 +50,28 @@ def test_demo_end_to_end(tmp_path, capsys):
                  "sweep_eyes.gif", "sweep_nose.gif", "sweep_mouth.gif"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "locality" in out and "transfer" in out
+
+
+
+def test_reference_direction_moves_the_region_towards_the_reference(model):
+    """On the default model, the direction from face_0 towards face_2's mouth brings face_0's mouth closer to
+    face_2's while changing the outside far less than the inside (measured at 10 steps, k = 3: mean inside distance
+    0.344 -> 0.237 at twice the natural strength; outside change 0.020 against 0.128 inside)."""
+    from localdiff import LocalEditor
+    from localdiff.demo import example_faces
+    from localdiff.masks import load_mask, template_path
+
+    editor = LocalEditor(model, num_steps=10)
+    m = load_mask(template_path("mouth"), 64, name="mouth")
+    x_src, x_ref = editor.prepare(example_faces()[0]), editor.prepare(example_faces()[2])
+    dirs = editor.reference_directions(x_src, x_ref, {"mouth": m}, k=3, max_iter=8, tol_deg=1.0)
+    strength = dirs.meta["reference_strength"]["mouth"]
+    rec_src, rec_ref = editor.invert(x_src).reconstruction, editor.invert(x_ref).reconstruction
+    edited = editor.render(x_src, [[(dirs["mouth"][0], 2 * strength)]])
+
+    def mean_abs(a, b, where):
+        return float((a - b).abs()[..., where].mean())
+
+    before, after = mean_abs(rec_src, rec_ref, m), mean_abs(edited, rec_ref, m)
+    assert after < 0.85 * before, (before, after)
+    assert mean_abs(edited, rec_src, ~m) < 0.25 * mean_abs(edited, rec_src, m)

@@ -457,11 +457,12 @@ class LocalEditor:
         if not 1 <= k <= min(MAX_K, dim):
             raise LocalDiffError(f"k (singular vectors per region) must be in 1..{min(MAX_K, dim)}, got {k}")
         region_masks = self.prepare_masks(masks, image)
-        src, ref = self.invert(image), self.invert(reference)
-        if src.image_hash == ref.image_hash:
+        x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
+        if torch.equal(x_src, x_ref):
             raise LocalDiffError("the reference is the image itself; give another image to move the region towards")
+        src, ref = self.invert(x_src), self.invert(x_ref)
         names = list(region_masks)
-        res, enc, step = self.region_subspaces(image, [region_masks[n] for n in names], timestep=timestep, k=k,
+        res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep, k=k,
                                                oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg)
         work = linalg_dtype(self.model.dtype)
         diff = (ref.hs[step] - src.hs[step]).flatten().to(work)
