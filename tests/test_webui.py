@@ -122,8 +122,32 @@ def test_app_has_named_endpoints_and_the_cli_strength_range(ui_editor):
 
     config = webui.build_app(ui_editor).get_config_file()
     names = [d.get("api_name") for d in config["dependencies"]]
-    assert names == ["upload", "sample", "template_regions", "add_region", "clear_regions", "discover", "edit",
-                     "sweep", "transfer"]
+    assert names == ["upload", "sample", "template_regions", "add_region", "clear_regions", "face_parts",
+                     "auto_regions", "discover", "discover_reference", "edit", "sweep", "transfer"]
     sliders = [c["props"] for c in config["components"] if str(c["props"].get("elem_id", "")).startswith("dir")]
     assert len(sliders) == webui.MAX_SLIDERS
     assert all((p["minimum"], p["maximum"]) == (-EDIT_RANGE, EDIT_RANGE) for p in sliders)
+
+
+def test_regions_without_painting_and_a_reference(ui_editor, face, tmp_path):
+    """Automatic regions replace the regions; directions towards an uploaded reference get sliders and record the
+    reference's strength; face parts on an image without a face are one line."""
+    s = webui.Session()
+    webui.load_upload(ui_editor, s, face)
+    webui.set_auto_regions(ui_editor, s, 3, k=3)
+    assert list(s.masks) == ["region1", "region2", "region3"]
+    assert (torch.stack(list(s.masks.values())).sum(0) == 1).all()
+    ref = tmp_path / "ref.png"
+    to_pil(texture(16, seed=7)[0]).save(ref)
+    names = webui.discover_reference(ui_editor, s, str(ref), 0.5, k=2)
+    assert names == ["region1:0", "region2:0", "region3:0"]
+    assert set(s.directions.meta["reference_strength"]) == {"region1", "region2", "region3"}
+    original, edited, _ = webui.render(ui_editor, s, [0.1, 0.0, 0.0])
+    assert np.abs(np.asarray(edited, np.float32) - np.asarray(original, np.float32)).max() > 0
+    with pytest.raises(LocalDiffError, match="reference image"):
+        webui.discover_reference(ui_editor, s, None, 0.5)
+    if __import__("importlib").util.find_spec("mediapipe") is not None:
+        with pytest.raises(LocalDiffError, match="no face found"):
+            webui.set_face_part_regions(ui_editor, s, ["eyes"])
+    with pytest.raises(LocalDiffError, match="tick"):
+        webui.set_face_part_regions(ui_editor, s, [])

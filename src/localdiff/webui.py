@@ -142,6 +142,32 @@ def add_painted_region(editor: LocalEditor, session: Session, painting: dict | N
     return overlay(image, session.masks)
 
 
+def set_face_part_regions(editor: LocalEditor, session: Session, parts: list[str]) -> Image.Image:
+    """The face parts ``parts`` found on the session's image by MediaPipe's face mesh as the regions (replacing
+    face-part regions found before; other regions stay)."""
+    from localdiff.facemasks import FACE_PARTS, face_part_masks
+
+    image = _need_image(session)
+    if not parts:
+        raise LocalDiffError("tick the face parts to find first (e.g. eyes, mouth)")
+    found = face_part_masks(to_pil(image[0]), list(parts))
+    kept = {n: m for n, m in session.masks.items() if n not in FACE_PARTS}
+    session.masks = {**kept, **found}
+    session.directions = None
+    return overlay(image, session.masks)
+
+
+def set_auto_regions(editor: LocalEditor, session: Session, n: float, k: int = 8) -> Image.Image:
+    """``n`` regions found from the model itself (:func:`localdiff.regions.auto_regions`, comparing ``k``
+    directions), replacing all regions."""
+    from localdiff.regions import auto_regions
+
+    image = _need_image(session)
+    session.masks = auto_regions(editor, image, int(n), k=int(k))
+    session.directions = None
+    return overlay(image, session.masks)
+
+
 def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
     image = _need_image(session)
     session.reset()
@@ -167,6 +193,25 @@ def discover(editor: LocalEditor, session: Session, timestep: float, k: int, ind
     stage(0.95, f"{method} directions found; rendering")
     path = session.folder() / "directions.safetensors"
     session.directions.save(path)
+    return [d.name for d in session.directions.local()][:MAX_SLIDERS]
+
+
+def discover_reference(editor: LocalEditor, session: Session, reference_path: str | None, timestep: float,
+                       k: int = DEFAULTS["k"]) -> list[str]:
+    """One direction per region towards an uploaded reference image's region; returns the slider names. The
+    strength that adds the whole difference is in the directions' ``meta["reference_strength"]``."""
+    image = _need_image(session)
+    if not session.masks:
+        raise LocalDiffError("choose at least one region before finding directions towards a reference")
+    if not reference_path:
+        raise LocalDiffError("upload the reference image (the face whose region to move towards)")
+    try:
+        reference = load_image(reference_path, editor.model.resolution, name="reference")
+    except LocalDiffError:
+        raise LocalDiffError("the reference is not an image localdiff can read; upload a PNG or JPEG") from None
+    session.directions = editor.reference_directions(image, reference, session.masks, timestep=float(timestep),
+                                                     k=int(k), reference_name=Path(reference_path).name)
+    session.directions.save(session.folder() / "directions.safetensors")
     return [d.name for d in session.directions.local()][:MAX_SLIDERS]
 
 
@@ -275,6 +320,16 @@ def build_app(editor: LocalEditor):
                                                             default_size=max(2, 2 * scale)))
                     region_name = gr.Textbox(label="region name", value="region1")
                     add_btn = gr.Button("add painted region")
+                with gr.Accordion("regions without painting", open=False):
+                    from localdiff.facemasks import FACE_PARTS
+
+                    parts = gr.CheckboxGroup(list(FACE_PARTS), value=["eyes", "mouth"], label="face parts",
+                                             elem_id="parts")
+                    parts_btn = gr.Button("find face parts (MediaPipe)", elem_id="find_parts")
+                    with gr.Row():
+                        n_regions = gr.Number(value=4, precision=0, minimum=2, maximum=16,
+                                              label="number of regions")
+                        auto_btn = gr.Button("automatic regions (from the model)", elem_id="auto_regions")
                 clear_btn = gr.Button("clear regions")
             with gr.Column():
                 regions_view = gr.Image(label="regions", interactive=False, elem_id="regions", height=256)
@@ -287,6 +342,10 @@ def build_app(editor: LocalEditor):
                                          info="jive: AJIVE split (the paper); masked: top singular vectors; "
                                               "nullspace: projected off the outside's; ratio: most in-region change")
                 discover_btn = gr.Button("discover", variant="primary", elem_id="discover")
+                with gr.Accordion("or: towards a reference image", open=False):
+                    reference = gr.File(label="reference image (its regions' look is the target)",
+                                        file_types=["image"], type="filepath", elem_id="reference", height=100)
+                    reference_btn = gr.Button("find directions towards the reference", elem_id="discover_reference")
         status = gr.Markdown("", elem_id="status")
         sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0.0, step=0.05, visible=False,
                              label=f"direction {i}", elem_id=f"dir{i}") for i in range(MAX_SLIDERS)]
@@ -331,6 +390,10 @@ def build_app(editor: LocalEditor):
                       [state, painter, region_name], [state, regions_view], api_name="add_region")
         clear_btn.click(guarded(lambda s: (s, clear_regions(editor, s)), 2), [state], [state, regions_view],
                         api_name="clear_regions")
+        parts_btn.click(guarded(lambda s, names: (s, set_face_part_regions(editor, s, names)), 2),
+                        [state, parts], [state, regions_view], api_name="face_parts")
+        auto_btn.click(guarded(lambda s, n: (s, set_auto_regions(editor, s, n)), 2),
+                       [state, n_regions], [state, regions_view], api_name="auto_regions")
 
         def on_discover(session, t, kk, ir, jr, m, progress=gr.Progress(track_tqdm=True)):
             editor.progress = True  # its bars (inversion, subspace iteration i/N) show in the page
@@ -353,6 +416,20 @@ def build_app(editor: LocalEditor):
         discover_outputs = [state, status, *sliders, original, edited, diff, sweep_name, downloads]
         discover_btn.click(guarded(on_discover, len(discover_outputs)), [state, timestep, k, ind_rank, joint, method],
                            discover_outputs, api_name="discover")
+
+        def on_reference(session, ref, t, kk):
+            names = discover_reference(editor, session, ref, t, kk)
+            strengths = session.directions.meta["reference_strength"]
+            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
+                   for i in range(MAX_SLIDERS)]
+            views = render(editor, session, [0.0] * len(names))
+            msg = ("directions towards the reference found (" + ", ".join(
+                f"{r}: strength {v:.3f} adds the whole difference" for r, v in strengths.items()) + "). Move a slider.")
+            return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
+                    files(session))
+
+        reference_btn.click(guarded(on_reference, len(discover_outputs)), [state, reference, timestep, k],
+                            discover_outputs, api_name="discover_reference")
 
         def on_slide(session, *values):
             return (session, *render(editor, session, values), files(session))
@@ -385,4 +462,5 @@ def serve(editor: LocalEditor, *, host: str = "127.0.0.1", port: int = 7860, sha
 
 
 __all__ = ["Session", "build_app", "serve", "load_upload", "sample_input", "set_template_regions",
-           "add_painted_region", "discover", "render", "transfer", "sweep_gif"]
+           "set_face_part_regions", "set_auto_regions", "add_painted_region", "discover", "discover_reference",
+           "render", "transfer", "sweep_gif"]
