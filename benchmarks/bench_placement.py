@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, eval_faces_and_masks  # noqa: E402
 
-from localdiff import LocalEditor  # noqa: E402
 from localdiff.baselines import discover  # noqa: E402
 from localdiff.editor import FAST_DISCOVERY  # noqa: E402
 from localdiff.evaluation import EvalSettings, bootstrap_interval, evaluate_directions  # noqa: E402
-from localdiff.facegan import FaceGAN, eval_seeds  # noqa: E402
-from localdiff.masks import load_mask, template_path  # noqa: E402
+from localdiff.facegan import eval_seeds  # noqa: E402
 
 VARIANTS = ("all", "window", "tracked")
 
@@ -50,13 +48,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     print(environment())
-    editor = LocalEditor.from_pretrained(num_steps=args.steps)
-    res = editor.model.resolution
-    masks = {r: load_mask(template_path(r), res, name=r) for r in args.regions}
+    editor, masks, faces = eval_faces_and_masks(args.faces, args.regions, args.steps)
     seeds = eval_seeds(args.faces)
-    faces = FaceGAN().faces(seeds)
-    if faces.shape[-1] != res:
-        faces = torch.nn.functional.interpolate(faces, size=res, mode="bilinear", antialias=True)
     rows, times = [], {(m, t): [] for m in args.methods for t in (False, True)}
     for i, seed in enumerate(seeds):
         image = faces[i:i + 1]

@@ -30,15 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, eval_faces_and_masks  # noqa: E402
 
-from localdiff import LocalEditor  # noqa: E402
 from localdiff.baselines import discover  # noqa: E402
 from localdiff.editor import FAST_DISCOVERY  # noqa: E402
 from localdiff.evaluation import (EvalSettings, bootstrap_interval, evaluate_directions,  # noqa: E402
                                   score_edit)
-from localdiff.facegan import FaceGAN, eval_seeds  # noqa: E402
-from localdiff.masks import load_mask, template_path  # noqa: E402
 
 MULTIPLES = (0.5, 1.0, 2.0, 3.0, 4.0)
 
@@ -62,12 +59,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     print(environment())
-    editor = LocalEditor.from_pretrained(num_steps=args.steps)
-    res = editor.model.resolution
-    masks = {r: load_mask(template_path(r), res, name=r) for r in args.regions}
-    faces = FaceGAN().faces(eval_seeds(2 * args.pairs))
-    if faces.shape[-1] != res:
-        faces = torch.nn.functional.interpolate(faces, size=res, mode="bilinear", antialias=True)
+    editor, masks, faces = eval_faces_and_masks(2 * args.pairs, args.regions, args.steps)
     drops = {(r, m): [] for r in args.regions for m in MULTIPLES}
     locs = {(r, m): [] for r in args.regions for m in MULTIPLES}
     discovered = {r: [] for r in args.regions}

@@ -62,3 +62,19 @@ def environment(device="cpu") -> str:
         platform.processor() or platform.machine())
     return (f"device {device} ({dev}), torch {torch.__version__}, diffusers {diffusers.__version__}, "
             f"threads {torch.get_num_threads()}, python {platform.python_version()}")
+
+
+def eval_faces_and_masks(n_faces: int, regions, steps: int):
+    """The embedded default model's editor (``steps`` DDIM steps), its template masks for ``regions`` and the
+    first ``n_faces`` evaluation faces of the face GAN at its resolution (needs gan-face-generate)."""
+    from localdiff import LocalEditor
+    from localdiff.facegan import FaceGAN, eval_seeds
+    from localdiff.masks import load_mask, template_path
+
+    editor = LocalEditor.from_pretrained(num_steps=steps)
+    res = editor.model.resolution
+    masks = {r: load_mask(template_path(r), res, name=r) for r in regions}
+    faces = FaceGAN().faces(eval_seeds(n_faces))
+    if faces.shape[-1] != res:
+        faces = torch.nn.functional.interpolate(faces, size=res, mode="bilinear", antialias=True)
+    return editor, masks, faces
