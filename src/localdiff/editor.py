@@ -191,9 +191,6 @@ class LocalEditor:
         self._cache: OrderedDict[tuple[str, int], Inversion] = OrderedDict()
         self._subspaces: OrderedDict[tuple, tuple] = OrderedDict()  # region_subspaces results, same policy
         self._cache_size = cache_size
-        # the last decoder linearisation (_decoder_at): discovery asks for the same step several times; one entry,
-        # since it holds the decoder's activations for the VJP
-        self._operators: tuple[tuple, tuple] | None = None
 
     @classmethod
     def from_pretrained(cls, source=None, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
@@ -530,14 +527,10 @@ class LocalEditor:
     def _decoder_at(self, inv: Inversion, step: int, chunk_size: int | None = None):
         """Encode the unedited latent of step ``step`` once; JVP/VJP of h -> eps through the decoder there.
         Returns ``(Encoded, jvp, vjp, eps)``."""
-        key = (inv.image_hash, len(inv.schedule), step, chunk_size)
-        if self._operators is not None and self._operators[0] == key:
-            return self._operators[1]
         model = self.model
         with torch.no_grad():
             enc = model.encode(inv.xs[step], inv.schedule.timesteps[step])
         jvp, vjp, out = decoder_operators(lambda h: model.decode(h, enc.skips, enc.temb), enc.h, chunk_size=chunk_size)
-        self._operators = (key, (enc, jvp, vjp, out))
         return enc, jvp, vjp, out
 
     # ------------------------------------------------------------------ editing
