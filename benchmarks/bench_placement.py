@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, eval_faces_and_masks  # noqa: E402
 
 from localdiff.baselines import discover  # noqa: E402
-from localdiff.editor import FAST_DISCOVERY  # noqa: E402
+from localdiff.config import DiscoveryConfig  # noqa: E402
+
+FAST = DiscoveryConfig.fast().changes()
 from localdiff.evaluation import EvalSettings, bootstrap_interval, evaluate_directions  # noqa: E402
 from localdiff.facegan import eval_seeds  # noqa: E402
 
@@ -56,10 +58,10 @@ def main(argv=None) -> None:
         editor.invert(image)
         for m in args.methods:
             t0 = time.perf_counter()
-            discover(m, editor, image, masks, **FAST_DISCOVERY)
+            discover(m, editor, image, masks, **FAST)
             times[(m, False)].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            md = discover(m, editor, image, masks, track=True, **FAST_DISCOVERY)  # subspaces cached: tracking only
+            md = discover(m, editor, image, masks, track=True, **FAST)  # subspaces cached: tracking only
             times[(m, True)].append(times[(m, False)][-1] + time.perf_counter() - t0)
             for variant in VARIANTS:
                 settings = EvalSettings(regions=tuple(args.regions), schedule="window" if variant == "window" else "all")

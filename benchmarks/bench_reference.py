@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, eval_faces_and_masks  # noqa: E402
 
 from localdiff.baselines import discover  # noqa: E402
-from localdiff.editor import FAST_DISCOVERY  # noqa: E402
+from localdiff.config import DiscoveryConfig  # noqa: E402
 from localdiff.evaluation import (EvalSettings, bootstrap_interval, evaluate_directions,  # noqa: E402
                                   score_edit)
 
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         src, ref = faces[2 * i:2 * i + 1], faces[2 * i + 1:2 * i + 2]
         rec_src, rec_ref = editor.invert(src).reconstruction[0], editor.invert(ref).reconstruction[0]
         dirs = editor.reference_directions(src, ref, masks, k=args.k, tol_deg=0.5, max_iter=15)
-        md = discover("masked", editor, src, masks, **FAST_DISCOVERY)
+        md = discover("masked", editor, src, masks, **DiscoveryConfig.fast().changes())
         for r, m in masks.items():
             s = dirs.meta["reference_strength"][r]
             out = editor.render(src, [[(dirs[r][0], f * s)] for f in MULTIPLES])

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, timeit  # noqa: E402
 
 from localdiff.demo import DemoSettings, example_faces  # noqa: E402
-from localdiff.editor import DEFAULTS, FAST_DISCOVERY, LocalEditor  # noqa: E402
+from localdiff.config import DiscoveryConfig  # noqa: E402
+from localdiff.editor import LocalEditor  # noqa: E402
 from localdiff.jacobian import ad_friendly_attention, decoder_operators, largest_principal_angle, subspace_iteration  # noqa: E402
 from localdiff.masks import load_mask, template_path  # noqa: E402
 from localdiff.model import default_model_path, load_model  # noqa: E402
@@ -53,7 +54,7 @@ def problem(editor: LocalEditor, image, region: str, timestep: float):
     return x, t, enc, mask
 
 
-def ours(model, enc, mask, k, tol_deg, max_iter=50, oversample=DEFAULTS["oversample"]):
+def ours(model, enc, mask, k, tol_deg, max_iter=50, oversample=DiscoveryConfig.oversample):
     jvp, vjp, out = decoder_operators(lambda h: model.decode(h, enc.skips, enc.temb), enc.h)
     m = mask[None].expand(out.shape[1], -1, -1).reshape(1, -1)
     res = subspace_iteration(jvp, vjp, enc.h.numel(), m, k, oversample=oversample, max_iter=max_iter,
@@ -147,11 +148,11 @@ def main(argv=None) -> None:
     p.add_argument("--skip-references", action="store_true", help="only localdiff and the end-to-end timings")
     args = p.parse_args(argv)
     model = load_model(args.model or default_model_path(), device=args.device)
-    editor = LocalEditor(model, num_steps=args.steps)
+    editor = LocalEditor(model, num_inference_steps=args.steps)
     faces = example_faces()
     image = editor.prepare(faces[0])
     k = args.k
-    ts = DEFAULTS["timestep"]
+    ts = DiscoveryConfig.timestep
     print(environment(args.device), f"model {model.name} ({model.fingerprint}), k={k}, region mouth, t={ts}T")
     x, t, enc, mask = problem(editor, image, "mouth", ts)
     cuda = torch.device(args.device).type == "cuda"
@@ -178,11 +179,11 @@ def main(argv=None) -> None:
         print(f"{name:<16}{sec:>8.2f}s{its:>12}{ang:>13.3f}°{sec / base:>13.1f}x", flush=True)
         return sec, its
 
-    tol = FAST_DISCOVERY["tol_deg"]
-    ov = DEFAULTS["oversample"]
+    tol = DiscoveryConfig.fast().tol_deg
+    ov = DiscoveryConfig.oversample
     sec, its = run("localdiff", lambda: ours(model, enc, mask, k, tol_deg=tol))
     limits = [("localdiff", sec, its, ov)]
-    s2, i2 = run("localdiff tol 0.1", lambda: ours(model, enc, mask, k, tol_deg=DEFAULTS["tol_deg"]))
+    s2, i2 = run("localdiff tol 0.1", lambda: ours(model, enc, mask, k, tol_deg=DiscoveryConfig.tol_deg))
     limits.append(("localdiff tol 0.1", s2, i2, ov))
     s3, i3 = run("localdiff q = k", lambda: ours(model, enc, mask, k, tol_deg=tol, oversample=0))
     limits.append(("localdiff q = k", s3, i3, 0))
@@ -209,9 +210,9 @@ def main(argv=None) -> None:
     masks = {r: load_mask(template_path(r), model.resolution, name=r) for r in s.regions}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    fresh = LocalEditor(model, num_steps=args.steps)
+    fresh = LocalEditor(model, num_inference_steps=args.steps)
     t0 = time.perf_counter()
-    dirs = fresh.discover(image, masks, **s.discover)
+    dirs = fresh.discover(image, masks, s.discover)
     t_disc = time.perf_counter() - t0
     strengths = symmetric_strengths(s.strength, s.columns)
     fresh.render(image, [[(dirs[r][0], st)] for r in s.regions for st in strengths])

@@ -71,7 +71,7 @@ def eval_faces_and_masks(n_faces: int, regions, steps: int):
     from localdiff.facegan import FaceGAN, eval_seeds
     from localdiff.masks import load_mask, template_path
 
-    editor = LocalEditor.from_pretrained(num_steps=steps)
+    editor = LocalEditor.from_pretrained(num_inference_steps=steps)
     res = editor.model.resolution
     masks = {r: load_mask(template_path(r), res, name=r) for r in regions}
     faces = FaceGAN().faces(eval_seeds(n_faces))

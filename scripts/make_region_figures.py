@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     save(np.concatenate(columns, 1), args.out_dir / "facemasks.png", 3)
 
     # automatic regions from the default model
-    editor = LocalEditor.from_pretrained(num_steps=args.steps)
+    editor = LocalEditor.from_pretrained(num_inference_steps=args.steps)
     images = [Image.open(f) for f in example_faces()[:3:2]]
     images += [Image.fromarray(a) for a in load_sample_images().images]
     rows = []

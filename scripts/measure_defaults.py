@@ -61,7 +61,7 @@ def edit_table(editor, faces, strengths, variants, timesteps, settings: DemoSett
         image = face[None]
         recon = editor.invert(image).reconstruction[0]
         for ts in timesteps:
-            dirs = editor.discover(image, masks, timestep=ts, **settings.discover)
+            dirs = editor.discover(image, masks, settings.discover, timestep=ts)
             firsts = [dirs[r][0] for r in settings.regions]
             for name in variants:
                 schedule, asym = VARIANTS[name]
@@ -107,9 +107,9 @@ def main(argv=None) -> None:
     if args.edit_faces:
         settings = DemoSettings()
         faces = gan.faces(eval_seeds(args.edit_faces))
-        editor = LocalEditor(model, num_steps=args.steps)
+        editor = LocalEditor(model, num_inference_steps=args.steps)
         lines += [f"## First local direction of each region, {args.edit_faces} evaluation faces, {args.steps} steps, "
-                  f"discovery {settings.discover}", ""]
+                  f"discovery {settings.discover.changes()}", ""]
         lines += edit_table(editor, faces, args.strengths, args.variants, args.timesteps, settings) + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -92,7 +92,7 @@ REGIONS = {
 def editor(model_dir):
     from localdiff import LocalEditor
 
-    return LocalEditor.from_pretrained(model_dir, num_steps=10)
+    return LocalEditor.from_pretrained(model_dir, num_inference_steps=10)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def editor(small_dir):
     """The 16 px model: every baseline runs on it in seconds."""
     from localdiff import LocalEditor
 
-    return LocalEditor.from_pretrained(small_dir, num_steps=8)
+    return LocalEditor.from_pretrained(small_dir, num_inference_steps=8)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_interrupted_eval_goes_on_where_it_stopped(editor, tmp_path):
     settings = EvalSettings(methods=("jive", "loco"), ladder=(0.25, 1.0), pca_samples=4,
                             discover=dict(k=2, oversample=2, individual_rank=1, null_rank=2, max_iter=4, tol_deg=1.0))
     faces = [(f"f{i}", texture(16, seed=i)) for i in range(3)]
-    key = progress_key(settings, editor.model, editor.num_steps, REGIONS)
+    key = progress_key(settings, editor.model, editor.num_inference_steps, REGIONS)
 
     whole = run_evaluation(editor, faces, REGIONS, settings, progress=False, resume=Progress(tmp_path / "a", key))
     part = Progress(tmp_path / "b", key)
@@ -225,7 +225,7 @@ def test_interrupted_eval_goes_on_where_it_stopped(editor, tmp_path):
 
     other = EvalSettings(**{**settings.__dict__, "target_change": 0.05})
     with pytest.raises(LocalDiffError, match="other settings .*target_change"):
-        Progress(tmp_path / "b", progress_key(other, editor.model, editor.num_steps, REGIONS)).load(["f0"])
+        Progress(tmp_path / "b", progress_key(other, editor.model, editor.num_inference_steps, REGIONS)).load(["f0"])
 
 
 def test_method_specs_run_and_label_variants(editor):
@@ -256,7 +256,7 @@ def test_saved_method_directions_keep_their_per_step_vectors(tmp_path):
     g = torch.Generator().manual_seed(0)
     tracked = baselines.MethodDirections("jive:track=true", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0,
                                          "abc", per_step={"eyes": torch.randn(4, 2, 8, generator=g)},
-                                         steps=[3, 4, 5, 6], num_steps=10)
+                                         steps=[3, 4, 5, 6], num_inference_steps=10)
     still = baselines.MethodDirections("masked", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0, "abc")
     save_method_directions({m.method: m for m in (tracked, still)}, "f0", tmp_path / "p.safetensors")
     back = load_method_directions(tmp_path / "p.safetensors", "f0")

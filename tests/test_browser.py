@@ -161,7 +161,7 @@ def test_two_clients_get_their_own_results(server, browser, shots, tmp_path):
 
 
 def test_bad_upload_gives_one_friendly_line_and_sliders_use_the_cli_range(server, browser, tmp_path):
-    from localdiff.editor import EDIT_RANGE
+    from localdiff.config import EDIT_RANGE
 
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page.goto(server)

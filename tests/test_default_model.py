@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from localdiff import load_model
 from localdiff.cli import main
@@ -61,7 +60,7 @@ def test_reference_direction_moves_the_region_towards_the_reference(model):
     from localdiff.demo import example_faces
     from localdiff.masks import load_mask, template_path
 
-    editor = LocalEditor(model, num_steps=10)
+    editor = LocalEditor(model, num_inference_steps=10)
     m = load_mask(template_path("mouth"), 64, name="mouth")
     x_src, x_ref = editor.prepare(example_faces()[0]), editor.prepare(example_faces()[2])
     dirs = editor.reference_directions(x_src, x_ref, {"mouth": m}, k=3, max_iter=8, tol_deg=1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -72,7 +71,7 @@ def test_discovery_is_deterministic_for_a_seed(editor):
     masks = {"mouth": REGIONS["mouth"], "side": REGIONS["side"]}
 
     def fresh(seed):
-        e = LocalEditor(editor.model, num_steps=editor.num_steps)
+        e = LocalEditor(editor.model, num_inference_steps=editor.num_inference_steps)
         return e.discover(texture(), masks, k=4, individual_rank=2, max_iter=3, seed=seed).individual["mouth"]
 
     a, b, c = fresh(0), fresh(0), fresh(1)
@@ -158,7 +157,7 @@ def test_half_precision_discovery_keeps_its_linear_algebra_in_float32(small_dir,
     image = texture(16, seed=1)
     found = {}
     for dt in (torch.float32, dtype):
-        ed = LocalEditor.from_pretrained(small_dir, dtype=dt, num_steps=6)
+        ed = LocalEditor.from_pretrained(small_dir, torch_dtype=dt, num_inference_steps=6)
         found[dt] = ed.discover(image, masks, k=2, oversample=2, individual_rank=1, timestep=0.5)
     half = found[dtype]
     for r in masks:
@@ -249,7 +248,7 @@ def test_tracked_directions_follow_the_steps_and_are_applied_per_step(editor, tm
     assert (got - expected[0]).abs().max() < 1e-5
     untracked = editor.render(texture(), [[(replace(d, per_step=None, num_steps=None), 0.3)]])[0]
     assert (got - untracked).abs().max() > 1e-4
-    other = LocalEditor(editor.model, num_steps=6)
+    other = LocalEditor(editor.model, num_inference_steps=6)
     with pytest.raises(LocalDiffError, match="tracked over 10 DDIM steps"):
         other.render(texture(), [[(d, 0.3)]])
 

@@ -44,7 +44,7 @@ def test_both_layouts_and_bare_unet_load(model_dir, small_dir, tmp_path):
 
 def test_fingerprint_depends_on_weights_not_on_dtype_or_path(model_dir, tmp_path):
     a = load_model(model_dir)
-    b = load_model(model_dir, dtype=torch.bfloat16)
+    b = load_model(model_dir, torch_dtype=torch.bfloat16)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
     other = make_unet("attn32", seed=1)
     other.save_pretrained(tmp_path / "other")
@@ -52,7 +52,7 @@ def test_fingerprint_depends_on_weights_not_on_dtype_or_path(model_dir, tmp_path
 
 
 def test_dtype_argument(model_dir):
-    model = load_model(model_dir, dtype=torch.bfloat16)
+    model = load_model(model_dir, torch_dtype=torch.bfloat16)
     x = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         assert model.eps(x, 10).dtype == torch.bfloat16

@@ -48,7 +48,7 @@ def test_auto_regions_partition_the_image(small_dir):
     from localdiff import LocalEditor
     from localdiff.regions import auto_regions
 
-    editor = LocalEditor.from_pretrained(small_dir, num_steps=6)
+    editor = LocalEditor.from_pretrained(small_dir, num_inference_steps=6)
     regions = auto_regions(editor, texture(16), 4, k=4)
     masks = torch.stack(list(regions.values()))
     assert masks.shape == (4, 16, 16) and masks.dtype == torch.bool

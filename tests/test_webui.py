@@ -20,7 +20,7 @@ pytest.importorskip("gradio")
 def ui_editor(small_dir):
     from localdiff import LocalEditor
 
-    return LocalEditor.from_pretrained(small_dir, num_steps=6)
+    return LocalEditor.from_pretrained(small_dir, num_inference_steps=6)
 
 
 @pytest.fixture()
@@ -118,7 +118,7 @@ def test_session_files_live_under_one_folder_and_go_with_the_session(ui_editor, 
 
 
 def test_app_has_named_endpoints_and_the_cli_strength_range(ui_editor):
-    from localdiff.editor import EDIT_RANGE
+    from localdiff.config import EDIT_RANGE
 
     config = webui.build_app(ui_editor).get_config_file()
     names = [d.get("api_name") for d in config["dependencies"]]

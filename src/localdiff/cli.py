@@ -17,7 +17,8 @@ import torch
 
 from localdiff.demo import DemoSettings
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, DISCOVERY_METHODS, EDIT_RANGE, LocalEditor
+from localdiff.config import DISCOVERY_METHODS, EDIT_RANGE, EDIT_SCHEDULE, NUM_INFERENCE_STEPS, DiscoveryConfig
+from localdiff.editor import LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
@@ -46,10 +47,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
+def _timestep(text: str) -> int | float:
+    """A timestep: a whole number is a training timestep t (e.g. 700), a number with a point a fraction of T
+    (e.g. 0.7). The model's range is checked once it is loaded."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
     value = _finite_float(text)
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction of T in (0, 1]")
+        raise argparse.ArgumentTypeError(f"{text} is neither a fraction of T in (0, 1] nor a whole timestep t")
+    return value
+
+
+def _angle(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an angle >= 0 (degrees)")
     return value
 
 
@@ -102,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"localdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("discover", help="find local edit directions for regions of an image")
-    p.add_argument("image", help="input image (resized to the model's resolution)")
+    p = sub.add_parser("discover", help="find local edit directions for regions of an image (or a folder)")
+    p.add_argument("image", nargs="?", help="input image (resized to the model's resolution)")
     p.add_argument("--mask", action="append", default=[], metavar="NAME=MASK.png",
                    help="a region: its name and a mask image (white = region), or the name of a template of the "
                         "default model (eyes, nose, mouth, hair); repeat for several regions")
@@ -116,43 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions-out", metavar="DIR", help="with --auto-regions: also write the regions as DIR/<name>.png")
     p.add_argument("--reference", metavar="REF", help="instead of unsupervised directions: one direction per region "
                    "that moves the image's region towards this image's (e.g. a smile from another face)")
-    p.add_argument("--out", required=True, metavar="DIRS.safetensors", help="where to write the directions")
+    p.add_argument("--out", metavar="DIRS.safetensors", help="where to write the directions")
+    _batch_options(p, "discover")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
     p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
                    help=f"grid columns run from -S to +S (default: {GRID_STRENGTH})")
-    p.add_argument("--timestep", type=_fraction, default=DEFAULTS["timestep"], metavar="F",
-                   help=f"discovery timestep as a fraction of T (default: {DEFAULTS['timestep']})")
-    p.add_argument("--k", type=_positive_int, default=DEFAULTS["k"], help=f"singular vectors per region (default: {DEFAULTS['k']})")
-    p.add_argument("--method", choices=DISCOVERY_METHODS, default=DEFAULTS["method"],
-                   help="how the regions' Jacobian subspaces become local directions: jive (AJIVE split, the "
-                        "paper), masked (top singular vectors), nullspace (projected off the outside's), ratio "
-                        f"(most in-region per out-of-region change) (default: {DEFAULTS['method']})")
-    p.add_argument("--joint-rank", type=_joint_rank, default=None, metavar="R",
-                   help="jive: joint rank, auto (AJIVE's bounds) or permutation (Lock et al.'s test and "
-                        "alternation) (default: auto)")
-    p.add_argument("--individual-rank", type=_rank_or_auto_positive, default=DEFAULTS["individual_rank"],
-                   metavar="R", help=f"local directions per region, or auto (jive: AJIVE's rule) "
-                                     f"(default: {DEFAULTS['individual_rank']})")
-    p.add_argument("--rest-block", action="store_true",
-                   help="jive: add the rest of the image as a block, so that global modes have a block to be "
-                        "joint with")
-    p.add_argument("--track", action="store_true",
-                   help="also follow the directions to every DDIM step (per-step directions; edits then need the "
-                        "same --steps)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"start of the subspace iteration (default: {DEFAULTS['seed']})")
-    p.add_argument("--max-iter", type=_positive_int, default=DEFAULTS["max_iter"], metavar="N",
-                   help=f"subspace iteration limit (default: {DEFAULTS['max_iter']})")
-    _model_options(p, DEFAULTS["num_steps"], why=STEPS_WHY)
+    _discovery_options(p)
+    _model_options(p, NUM_INFERENCE_STEPS, why=STEPS_WHY)
 
-    p = sub.add_parser("edit", help="apply one or more directions to an image (any image of the same model)")
-    p.add_argument("image", help="the image to edit (PNG/JPEG; resized to the model's resolution)")
+    p = sub.add_parser("edit", help="apply one or more directions to an image, or to a folder of images")
+    p.add_argument("image", nargs="?", help="the image to edit (PNG/JPEG; resized to the model's resolution)")
     p.add_argument("--directions", required=True, metavar="DIRS.safetensors",
                    help="a directions file written by 'localdiff discover'")
     p.add_argument("--direction", action="append", required=True, metavar="NAME[:INDEX]",
                    help="a direction, e.g. mouth or mouth:1 or joint:0; repeat to compose edits")
     p.add_argument("--strength", action="append", type=_finite_float, required=True, metavar="S",
                    help="one strength per --direction, or one for all (units of |h|)")
-    p.add_argument("--out", required=True, metavar="OUT.png", help="where to write the edited image (PNG)")
+    p.add_argument("--out", metavar="OUT.png", help="where to write the edited image (PNG)")
+    _batch_options(p, "edit")
     _edit_options(p)
 
     p = sub.add_parser("sweep", help="animate one direction from -S to +S (GIF plus a PNG strip)")
@@ -182,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", metavar="DIR",
                    help="write each image as DIR/seed<S>_<i>.png at the model's resolution")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    _model_options(p, DEFAULTS["num_steps"])
+    _model_options(p, NUM_INFERENCE_STEPS)
 
     p = sub.add_parser("demo", help="run the whole method on the embedded default model and shipped faces")
     p.add_argument("--out-dir", default="localdiff-demo", metavar="DIR", help="(default: ./localdiff-demo)")
@@ -203,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"NAME:key=value,... e.g. jive:k=16,joint_rank=permutation")
     p.add_argument("--target-change", type=_finite_float, default=None, metavar="D",
                    help="matched visibility: mean |change| inside the region, images in [0, 1] (default: 0.08)")
-    p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
-                   help=f"h-space edit schedule (default: {DEFAULTS['schedule']})")
+    p.add_argument("--schedule", choices=["all", "window", "single"], default=EDIT_SCHEDULE,
+                   help=f"h-space edit schedule (default: {EDIT_SCHEDULE})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer evaluation")
     p.add_argument("--joint-rank", type=_joint_rank, default=None, metavar="R",
                    help="JIVE joint rank for the jive method: a number, auto (AJIVE's bounds) or permutation "
@@ -218,14 +213,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the web UI (Gradio): paint regions, discover, slide, compare, transfer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=7860, help="(default: 7860)")
-    _model_options(p, DEFAULTS["num_steps"])
+    _model_options(p, NUM_INFERENCE_STEPS)
     return parser
 
 
+def _discovery_options(p: argparse.ArgumentParser) -> None:
+    d = DiscoveryConfig()
+    g = p.add_argument_group("discovery")
+    g.add_argument("--method", choices=DISCOVERY_METHODS, default=d.method,
+                   help="how the regions' Jacobian subspaces become local directions: jive (AJIVE split, the "
+                        "paper), masked (top singular vectors), nullspace (projected off the outside's), ratio "
+                        f"(most in-region per out-of-region change) (default: {d.method})")
+    g.add_argument("--timestep", type=_timestep, default=d.timestep, metavar="T",
+                   help="discovery timestep: a fraction of T (0.7) or a whole training timestep t (700) "
+                        f"(default: {d.timestep})")
+    g.add_argument("--k", type=_positive_int, default=d.k, help=f"singular vectors per region (default: {d.k})")
+    g.add_argument("--oversample", type=lambda t: _whole_number(t, 0), default=d.oversample, metavar="P",
+                   help=f"extra vectors the subspace iteration carries (default: {d.oversample})")
+    g.add_argument("--joint-rank", type=_joint_rank, default=d.joint_rank, metavar="R",
+                   help="jive: joint rank, auto (AJIVE's bounds) or permutation (Lock et al.'s test and "
+                        "alternation) (default: auto)")
+    g.add_argument("--individual-rank", type=_rank_or_auto_positive, default=d.individual_rank, metavar="R",
+                   help=f"local directions per region, or auto (jive: AJIVE's rule) (default: {d.individual_rank})")
+    g.add_argument("--rest-block", action="store_true",
+                   help="jive: add the rest of the image as a block, so that global modes have a block to be "
+                        "joint with")
+    g.add_argument("--track", action="store_true",
+                   help="also follow the directions to every DDIM step (per-step directions; edits then need the "
+                        "same --steps)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"start of the subspace iteration (default: {d.seed})")
+    g.add_argument("--max-iter", type=_positive_int, default=d.max_iter, metavar="N",
+                   help=f"subspace iteration limit (default: {d.max_iter})")
+    g.add_argument("--tol-deg", type=_angle, default=d.tol_deg, metavar="DEG",
+                   help=f"stop when the subspaces are estimated this close to converged (default: {d.tol_deg})")
+    g.add_argument("--chunk-size", type=_positive_int, default=d.chunk_size, metavar="N",
+                   help="Jacobian-vector products per batch (default: all at once; lower it when a large model "
+                        "runs out of GPU memory, see docs/gpu.md)")
+
+
+def _discovery_config(args) -> DiscoveryConfig:
+    return DiscoveryConfig(method=args.method, timestep=args.timestep, k=args.k, oversample=args.oversample,
+                           joint_rank=args.joint_rank, individual_rank=args.individual_rank,
+                           rest_block=args.rest_block, track=args.track, seed=args.seed, max_iter=args.max_iter,
+                           tol_deg=args.tol_deg, chunk_size=args.chunk_size)
+
+
+def _batch_options(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("a folder of images (also under accelerate launch, see docs/batch.md)")
+    g.add_argument("--images", metavar="DIR", help=f"{command} every PNG/JPEG image in DIR (sorted) instead of one image")
+    g.add_argument("--out-dir", metavar="OUT",
+                   help="with --images: writes OUT/<name>." + ("png" if command == "edit" else "safetensors")
+                        + " per image and OUT/results.csv; images already done are skipped")
+    if command == "edit":
+        g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                       help="with --images: images per pass through the U-Net (default: 8)")
+    else:
+        g.add_argument("--mean", action="store_true",
+                       help="with --images: one set of directions discovered jointly over all the images (their "
+                            "masked Jacobians stacked), written to --out")
+
+
 def _edit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", choices=["all", "window", "single"], default=DEFAULTS["schedule"],
-                   help="DDIM steps that get the edit: all, window (T down to the discovery step) or single "
-                        f"(default: {DEFAULTS['schedule']})")
+    p.add_argument("--schedule", choices=["all", "window", "single"], default=EDIT_SCHEDULE,
+                   help="DDIM steps that get the edit: all, window (T down to the edit timestep) or single "
+                        f"(default: {EDIT_SCHEDULE})")
+    p.add_argument("--edit-timestep", type=_timestep, metavar="T",
+                   help="where window/single edits end: a fraction of T or a whole timestep t (default: the "
+                        "directions' discovery timestep)")
     p.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric step (edited eps for x0 only)")
     p.add_argument("--allow-foreign-model", action="store_true",
                    help="apply directions discovered with a different model")
@@ -252,16 +306,16 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _editor(args, num_steps: int) -> LocalEditor:
+def _editor(args, num_steps: int, device: str | None = None) -> LocalEditor:
     source = args.model or default_model_path()
     if source is None:
         raise LocalDiffError("no --model given and no embedded default model is installed; pass --model PATH_OR_HUB_ID")
-    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    device, dtype = _device(device or args.device), getattr(torch, args.dtype)
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("note: float16 on the CPU is about 20 times slower than float32 (the CPU has no fast float16 "
                     "kernels); use --dtype float32 here, float16 on a GPU")
-    model = load_model(source, device=device, dtype=dtype)
-    return LocalEditor(model, num_steps=num_steps, progress=not args.quiet)
+    model = load_model(source, device=device, torch_dtype=dtype)
+    return LocalEditor(model, num_inference_steps=num_steps, progress=not args.quiet)
 
 
 def _parse_masks(specs: Sequence[str]) -> tuple[dict[str, Path], set[str]]:
@@ -285,12 +339,7 @@ def _parse_masks(specs: Sequence[str]) -> tuple[dict[str, Path], set[str]]:
     return masks, templates
 
 
-def cmd_discover(args) -> None:
-    from localdiff.viz import edit_grid
-
-    out = check_output_path(args.out, (".safetensors",), "--out")
-    grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
-    image = open_image(args.image)
+def _check_regions(args) -> None:
     given = sum(map(bool, (args.mask, args.auto_masks, args.auto_regions)))
     if given == 0:
         raise LocalDiffError("give the regions: --mask NAME=MASK.png (or a template name), --auto-masks eyes,mouth or "
@@ -299,22 +348,52 @@ def cmd_discover(args) -> None:
         raise LocalDiffError("--auto-regions divides the whole image; give it without --mask or --auto-masks")
     if args.regions_out and not args.auto_regions:
         raise LocalDiffError("--regions-out writes the regions of --auto-regions; give --auto-regions N too")
-    masks, templates = _parse_masks(args.mask)
-    found = {}
-    if args.auto_masks:
-        from localdiff.facemasks import face_part_masks, parse_parts
 
-        parts = parse_parts(args.auto_masks)
-        twice = [n for n in parts if n in masks]
-        if twice:
-            raise LocalDiffError(f"region {twice[0]!r} is given by --mask and --auto-masks; give it once")
-        found = face_part_masks(image, parts)
-        log.info("found %s on the face", ", ".join(f"{n} ({int(m.sum())} px)" for n, m in found.items()))
-    editor = _editor(args, args.steps)
+
+def _given_masks(args, editor: LocalEditor, templates: set[str], masks: dict) -> dict:
+    """The --mask regions: templates loaded at the model's resolution, user masks as their paths."""
     if templates and args.model:
         log.warning("note: mask templates fit the default model's aligned 64x64 faces; check them on your images")
     res = editor.model.resolution
-    masks = {n: load_mask(p, res, name=n) if n in templates else p for n, p in masks.items()}
+    return {n: load_mask(p, res, name=n) if n in templates else p for n, p in masks.items()}
+
+
+def _face_parts(args, image, masks: dict) -> dict:
+    """The --auto-masks regions found on ``image`` (none without --auto-masks)."""
+    if not args.auto_masks:
+        return {}
+    from localdiff.facemasks import face_part_masks, parse_parts
+
+    parts = parse_parts(args.auto_masks)
+    twice = [n for n in parts if n in masks]
+    if twice:
+        raise LocalDiffError(f"region {twice[0]!r} is given by --mask and --auto-masks; give it once")
+    found = face_part_masks(image, parts)
+    log.info("found %s on the face", ", ".join(f"{n} ({int(m.sum())} px)" for n, m in found.items()))
+    return found
+
+
+def cmd_discover(args) -> int:
+    from localdiff.viz import edit_grid
+
+    _check_regions(args)
+    if args.images:
+        return _discover_folder(args)
+    if args.image is None:
+        raise LocalDiffError("give the IMAGE to discover on, or --images DIR (with --out-dir OUT) for a folder")
+    if args.out_dir or args.mean:
+        raise LocalDiffError(f"{'--out-dir' if args.out_dir else '--mean'} goes with --images DIR; for one image "
+                             f"give --out DIRS.safetensors")
+    if args.out is None:
+        raise LocalDiffError("give --out DIRS.safetensors: where to write the directions")
+    out = check_output_path(args.out, (".safetensors",), "--out")
+    grid = check_output_path(args.grid, (".png",), "--grid") if args.grid else None
+    image = open_image(args.image)
+    masks, templates = _parse_masks(args.mask)
+    found = _face_parts(args, image, masks)
+    editor = _editor(args, args.steps)
+    cfg = _discovery_config(args)
+    masks = _given_masks(args, editor, templates, masks)
     masks.update(found)
     if args.auto_regions:
         from localdiff.masks import save_masks
@@ -329,66 +408,215 @@ def cmd_discover(args) -> None:
     image = editor.prepare(image)
     if args.reference:
         reference = editor.prepare(open_image(args.reference, "reference"))
-        dirs = editor.reference_directions(image, reference, region_masks, timestep=args.timestep, k=args.k,
-                                           seed=args.seed, max_iter=args.max_iter,
+        dirs = editor.reference_directions(image, reference, region_masks, cfg,
                                            reference_name=Path(args.reference).name)
         dirs.save(out)
         log.info("wrote %s; to move each region to the reference's, edit with: %s", out,
                  ", ".join(f"--direction {r}:0 --strength {s:.3f}" for r, s in dirs.meta["reference_strength"].items()))
-        if grid is not None:
-            save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
-            log.info("wrote %s", grid)
-        return
-    dirs = editor.discover(
-        image, region_masks, method=args.method, timestep=args.timestep, k=args.k, joint_rank=args.joint_rank,
-        individual_rank=args.individual_rank, rest_block=args.rest_block, track=args.track, seed=args.seed,
-        max_iter=args.max_iter,
-    )
-    dirs.save(out)  # first: interrupting the grid keeps the finished discovery
-    log.info("wrote %s (%s; eps-level locality of each region's first direction: %s)", out,
-             ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions),
-             ", ".join(f"{r} {dirs.meta['eps_locality'][r][0]:.2f}" for r in dirs.regions))
+    else:
+        dirs = editor.discover(image, region_masks, cfg)
+        dirs.save(out)  # first: interrupting the grid keeps the finished discovery
+        log.info("wrote %s (%s; %s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions),
+                 _locality_note(dirs))
     if grid is not None:
         save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
         log.info("wrote %s", grid)
+    return 0
 
 
-def _load_for_edit(args):
-    dirs = Directions.load(args.directions)
+def _locality_note(dirs: Directions) -> str:
+    return "eps-level locality of each region's first direction: " + ", ".join(
+        f"{r} {dirs.meta['eps_locality'][r][0]:.2f}" for r in dirs.regions)
+
+
+def _discover_folder(args) -> int:
+    """discover --images DIR: one directions file per image (--out-dir), or one jointly over all (--mean --out)."""
+    from localdiff.batch import Workers, list_images, run_folder, summary
+
+    if args.image:
+        raise LocalDiffError("give one IMAGE or --images DIR, not both")
+    if args.auto_regions or args.reference:
+        raise LocalDiffError(f"{'--auto-regions' if args.auto_regions else '--reference'} works on one image; give "
+                             f"--mask or --auto-masks with --images")
+    if args.grid:
+        raise LocalDiffError("--grid draws one image's edits; leave it out with --images (edit the folder instead)")
+    images = list_images(args.images)
+    workers = Workers()
+    if args.mean:
+        if args.out_dir:
+            raise LocalDiffError("--mean writes one directions file: give --out DIRS.safetensors, not --out-dir")
+        if args.out is None:
+            raise LocalDiffError("--mean needs --out DIRS.safetensors: where to write the joint directions")
+        if workers.count > 1:
+            raise LocalDiffError("--mean is one joint computation; run it in one process (without accelerate launch)")
+        out = check_output_path(args.out, (".safetensors",), "--out")
+    else:
+        if args.out:
+            raise LocalDiffError("with --images each image's directions go to --out-dir OUT (OUT/<name>.safetensors); "
+                                 "--out is for one image or --mean")
+        if not args.out_dir:
+            raise LocalDiffError("give --out-dir OUT: where to write one directions file per image")
+        out_dir = _check_out_dir(args.out_dir, f"{images[0].stem}.safetensors")
+    masks, templates = _parse_masks(args.mask)
+    editor = _editor(args, args.steps, device=workers.device(args.device))
+    editor.progress = False
+    cfg = _discovery_config(args)
+    given = _given_masks(args, editor, templates, masks)
+    _resize_note(editor, workers)
+    if args.mean:
+        return _discover_mean(args, editor, images, given, cfg, out)
+
+    def job(paths: list[Path]) -> list:
+        results = []
+        for path in paths:
+            try:
+                image = open_image(path)
+                region_masks = editor.prepare_masks({**given, **_face_parts(args, image, given)}, image)
+                dirs = editor.discover(_folder_image(editor, image, path), region_masks, cfg)
+                results.append(dirs.save)
+            except LocalDiffError as exc:
+                results.append(exc)
+        return results
+
+    rows = run_folder(images, out_dir, ".safetensors", job, batch_size=1, workers=workers,
+                      progress=not args.quiet, desc="discover")
+    return _folder_report(rows, images, out_dir, summary, workers)
+
+
+def _discover_mean(args, editor: LocalEditor, images: list[Path], masks: dict, cfg, out: Path) -> int:
+    loaded, failed = [], 0
+    for path in images:
+        try:
+            loaded.append(_folder_image(editor, open_image(path), path))
+        except LocalDiffError as exc:
+            print(f"localdiff: {exc}", file=sys.stderr)
+            failed += 1
+    if not loaded:
+        raise LocalDiffError(f"none of the {len(images)} images in {args.images} could be read")
+    if args.auto_masks:
+        raise LocalDiffError("--mean uses the same regions on every image: give --mask (templates or mask files)")
+    region_masks = editor.prepare_masks(masks, loaded[0])
+    editor.progress = not args.quiet
+    log.info("discovering jointly over %d images ...", len(loaded))
+    dirs = editor.discover(loaded if len(loaded) > 1 else loaded[0], region_masks, cfg)
+    dirs.save(out)
+    log.info("wrote %s (joint over %d images; %s)", out, len(loaded), _locality_note(dirs))
+    return 1 if failed else 0
+
+
+def _folder_image(editor: LocalEditor, image, path: Path) -> torch.Tensor:
+    """An image of a folder at the model's resolution, without a resize note each (the run says it once)."""
+    from localdiff.images import load_image
+
+    return load_image(image, editor.model.resolution, name=str(path), resize_note=False)
+
+
+def _resize_note(editor: LocalEditor, workers) -> None:
+    if workers.is_main:
+        r = editor.model.resolution
+        log.info("note: images that are not %dx%d are centre-cropped and resized to it", r, r)
+
+
+def _folder_report(rows, images, out_dir: Path, summary, workers) -> int:
+    done, failed, missing = summary(rows, images)
+    if workers.is_main:
+        log.info("%d of %d images done, %d failed%s; see %s", done, len(images), failed,
+                 f", {missing} not done" if missing else "", out_dir / "results.csv")
+    return 0 if failed == 0 and missing == 0 else 1
+
+
+def _edit_list(args, dirs: Directions) -> list:
     specs = args.direction if isinstance(args.direction, list) else [args.direction]
     chosen = [dirs.select(s) for s in specs]
-    image = open_image(args.image)
-    editor = _editor(args, args.steps or int(dirs.meta.get("num_steps", DEFAULTS["num_steps"])))
+    strengths = getattr(args, "strength", None) or [0.0]
+    if len(strengths) not in (1, len(chosen)):
+        raise LocalDiffError(f"{len(chosen)} --direction but {len(strengths)} --strength; give one strength per "
+                             f"direction or one for all")
+    return list(zip(chosen, strengths * len(chosen) if len(strengths) == 1 else strengths))
+
+
+def _load_for_edit(args, device: str | None = None):
+    dirs = Directions.load(args.directions)
+    edits = _edit_list(args, dirs)
+    editor = _editor(args, args.steps or int(dirs.meta.get("num_steps", NUM_INFERENCE_STEPS)), device=device)
     dirs.check_model(editor.model.fingerprint, allow_foreign=args.allow_foreign_model)
-    return dirs, chosen, editor.prepare(image), editor
+    return dirs, edits, editor
 
 
-def cmd_edit(args) -> None:
+def _render_options(args) -> dict:
+    return dict(schedule=args.schedule, asymmetric=args.asymmetric, timestep=args.edit_timestep,
+                allow_foreign=args.allow_foreign_model)
+
+
+def cmd_edit(args) -> int:
+    if args.images:
+        return _edit_folder(args)
+    if args.image is None:
+        raise LocalDiffError("give the IMAGE to edit, or --images DIR (with --out-dir OUT) for a folder")
+    if args.out_dir:
+        raise LocalDiffError("--out-dir goes with --images DIR; for one image give --out OUT.png")
+    if args.out is None:
+        raise LocalDiffError("give --out OUT.png: where to write the edited image")
     out = check_output_path(args.out, (".png",), "--out")
-    if len(args.strength) not in (1, len(args.direction)):
-        raise LocalDiffError(
-            f"{len(args.direction)} --direction but {len(args.strength)} --strength; give one strength per direction or one for all"
-        )
-    _, chosen, image, editor = _load_for_edit(args)
-    strengths = args.strength * len(chosen) if len(args.strength) == 1 else args.strength
-    edited = editor.edit(image, list(zip(chosen, strengths)), schedule=args.schedule, asymmetric=args.asymmetric,
-                         allow_foreign=args.allow_foreign_model)
-    save_image(edited, out)
+    image = open_image(args.image)
+    _, edits, editor = _load_for_edit(args)
+    save_image(editor.edit(editor.prepare(image), edits, **_render_options(args)), out)
     log.info("wrote %s", out)
+    return 0
 
 
-def cmd_sweep(args) -> None:
+def _edit_folder(args) -> int:
+    """edit --images DIR --out-dir OUT: every image, batched through the U-Net, resumable."""
+    from localdiff.batch import Workers, list_images, run_folder, summary
+
+    if args.image:
+        raise LocalDiffError("give one IMAGE or --images DIR, not both")
+    if args.out:
+        raise LocalDiffError("with --images the edited images go to --out-dir OUT (OUT/<name>.png); --out is for "
+                             "one image")
+    if not args.out_dir:
+        raise LocalDiffError("give --out-dir OUT: where to write the edited images")
+    images = list_images(args.images)
+    out_dir = _check_out_dir(args.out_dir, f"{images[0].stem}.png")
+    workers = Workers()
+    _, edits, editor = _load_for_edit(args, device=workers.device(args.device))
+    editor.progress = False
+    options = _render_options(args)
+    _resize_note(editor, workers)
+
+    def job(paths: list[Path]) -> list:
+        results: list = [None] * len(paths)
+        good, batch = [], []
+        for i, path in enumerate(paths):
+            try:
+                batch.append(_folder_image(editor, open_image(path), path))
+                good.append(i)
+            except LocalDiffError as exc:
+                results[i] = exc
+        if batch:
+            edited = to_pil(editor.render_images(torch.cat(batch), edits, **options))
+            for i, im in zip(good, edited):
+                results[i] = lambda path, im=im: save_image(im, path)
+        return results
+
+    rows = run_folder(images, out_dir, ".png", job, batch_size=args.batch_size, workers=workers,
+                      progress=not args.quiet, desc="edit")
+    return _folder_report(rows, images, out_dir, summary, workers)
+
+
+def cmd_sweep(args) -> int:
     from localdiff.viz import save_gif, strip, symmetric_strengths
 
     out = check_output_path(args.out, (".gif",), "--out")
     strip_path = check_output_path(out.with_suffix(".png"), (".png",), "strip")
-    dirs, (direction,), image, editor = _load_for_edit(args)
+    image = open_image(args.image)
+    dirs, ((direction, _),), editor = _load_for_edit(args)
     strengths = symmetric_strengths(args.max_strength, args.frames)
-    frames = editor.sweep(image, direction, strengths, schedule=args.schedule, asymmetric=args.asymmetric,
-                          allow_foreign=args.allow_foreign_model)
+    frames = editor.render(editor.prepare(image), [[(direction, s)] for s in strengths], **_render_options(args))
     save_image(strip(frames, dirs.masks[direction.region] if direction.region in dirs.masks else None), strip_path)
     save_gif(frames, out)
     log.info("wrote %s and %s", out, strip_path)
+    return 0
 
 
 def cmd_masks(args) -> None:
@@ -555,14 +783,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except LocalDiffError as exc:
         print(f"localdiff: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("localdiff: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from localdiff.editor import FAST_DISCOVERY, LocalEditor
+from localdiff.config import DiscoveryConfig
+from localdiff.editor import LocalEditor
 from localdiff.evaluation import EditScore, mean_std, score_edit
 from localdiff.images import save_image, to_pil
 from localdiff.masks import load_mask, template_path
@@ -35,7 +36,7 @@ class DemoSettings:
     num_steps: int = 20  # the CLI's default --steps for the demo
     columns: int = 5  # strengths in the grid, which are also the sweep frames
     transfer_faces: int = 3
-    discover: dict = field(default_factory=lambda: dict(FAST_DISCOVERY))  # overrides for LocalEditor.discover
+    discover: DiscoveryConfig = field(default_factory=DiscoveryConfig.fast)
 
 
 def example_faces() -> list[Path]:
@@ -57,7 +58,7 @@ def run_demo(editor: LocalEditor, out_dir: Path, settings: DemoSettings | None =
     t0 = time.perf_counter()
 
     log.info("discovering local directions for %s on %s ...", ", ".join(s.regions), faces[0].name)
-    dirs = editor.discover(source, masks, **s.discover)
+    dirs = editor.discover(source, masks, s.discover)
     dirs.save(out_dir / "directions.safetensors")
     grid, frames = edit_grid(editor, source, dirs, s.strength, s.columns)
     save_image(grid, out_dir / "grid.png")

@@ -106,7 +106,7 @@ class Directions:
 
     def __getitem__(self, region: str) -> RegionDirections:
         if region == JOINT:
-            vecs, sig = self.joint, torch.ones(len(self.joint))
+            vecs, sig = self.joint, torch.ones(len(self.joint), device=self.joint.device)
         elif region in self.individual:
             vecs, sig = self.individual[region], self.individual_sigma[region]
         else:

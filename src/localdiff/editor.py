@@ -24,9 +24,11 @@ from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
+from localdiff import config as _config_module
+from localdiff.config import (EDIT_SCHEDULE, NUM_INFERENCE_STEPS, DiscoveryConfig, timestep_fraction,
+                              warn_renamed)
 from localdiff.directions import Direction, Directions, check_region_name
 from localdiff.errors import LocalDiffError
 from localdiff.images import ImageLike, image_size, load_image, tensor_hash, to_pil
@@ -39,42 +41,22 @@ from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sampl
 
 log = logging.getLogger("localdiff")
 
-# Defaults shared by the API, the CLI and the web UI.
-DEFAULTS = dict(
-    num_steps=50,
-    method="jive",
-    timestep=0.7,  # measured: best locality on 16 evaluation faces (docs/defaults.md)
-    k=6,
-    oversample=3,
-    joint_rank=None,  # automatic
-    individual_rank=3,
-    rest_block=False,
-    track=False,  # follow the directions to every DDIM step (per-step directions)
-    null_rank=5,  # nullspace: directions of the outside's Jacobian projected off
-    max_iter=50,
-    tol_deg=0.1,
-    seed=0,
-    schedule="all",
-)
 
-# Edit strengths offered by default (grids, sweeps, the web UI's sliders): -0.3 .. +0.3 of |h|. Measured on the
-# default model: visible and mostly local at 0.25 (docs/defaults.md); beyond about 0.5 edits wreck the face.
-EDIT_RANGE = 0.3
+def __getattr__(name: str):
+    """The settings of localdiff 0.1 that moved to :mod:`localdiff.config`, kept for one release."""
+    if name == "DEFAULTS":
+        warn_renamed("localdiff.editor.DEFAULTS", "localdiff.DiscoveryConfig() (and NUM_INFERENCE_STEPS, "
+                     "EDIT_SCHEDULE in localdiff.config)")
+        return dict(num_steps=NUM_INFERENCE_STEPS, schedule=EDIT_SCHEDULE, **DiscoveryConfig().as_dict())
+    if name == "FAST_DISCOVERY":
+        warn_renamed("localdiff.editor.FAST_DISCOVERY", "localdiff.DiscoveryConfig.fast()")
+        return DiscoveryConfig.fast().changes()
+    if name in ("DISCOVERY_METHODS", "EDIT_RANGE", "MAX_K"):
+        warn_renamed(f"localdiff.editor.{name}", f"localdiff.config.{name}")
+        return getattr(_config_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# Lighter discovery for the demo and the evaluation: k = 3 + 3 (a block of 6; k = 4 + 2 needs twice the iterations
-# on the default model) to an estimated 0.5 deg of the converged subspaces. About a third of the default's work.
-FAST_DISCOVERY = dict(k=3, oversample=3, individual_rank=2, tol_deg=0.5, max_iter=15)
 
-# More singular vectors than this per region would take hours and gigabytes; nobody needs them.
-MAX_K = 512
-# Two regions whose masks overlap more than this (intersection over union) are the same region twice: JIVE's
-# "local" directions would then be noise.
-MAX_MASK_IOU = 0.95
-
-Edit = tuple[Direction, float]
-
-# How discovery turns the regions' Jacobian subspaces into local directions (LocalEditor.discover).
-DISCOVERY_METHODS = ("jive", "masked", "nullspace", "ratio")
 # Samples for AJIVE's two bounds in discovery. Measured on three (3, 16384) blocks: 200 samples put both bounds
 # within 0.1 % of 1,000 samples' (AJIVE's published default) in 0.9 s instead of 4.0 s on 2 cores.
 AJIVE_SAMPLES = 200
@@ -82,6 +64,12 @@ AJIVE_SAMPLES = 200
 # the test model (masked method, 10 steps): after 1 iteration the tracked direction is 35-68 deg from a cold
 # discovery at that step, after 3 it is 2-12 deg.
 TRACK_ITER = 3
+# Two regions whose masks overlap more than this (intersection over union) are the same region twice: JIVE's
+# "local" directions would then be noise.
+MAX_MASK_IOU = 0.95
+OUTPUT_TYPES = ("pil", "pt", "np")
+
+Edit = tuple[Direction, float]
 
 
 def _mask_groups(method: str, regions: list[Tensor], *, k: int, null_rank: int, rest_block: bool):
@@ -183,26 +171,40 @@ class Inversion:
 class LocalEditor:
     """Discover and apply local edit directions with one diffusion model."""
 
-    def __init__(self, model: DiffusionModel, *, num_steps: int = DEFAULTS["num_steps"], progress: bool = False,
-                 cache_size: int = 8):
+    def __init__(self, model: DiffusionModel, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 progress: bool = False, cache_size: int = 8, num_steps: int | None = None):
+        if num_steps is not None:
+            warn_renamed("LocalEditor(num_steps=...)", "num_inference_steps=...")
+            num_inference_steps = num_steps
         self.model = model
-        self.num_steps = num_steps
+        self.num_inference_steps = num_inference_steps
         self.progress = progress
         self._cache: OrderedDict[tuple[str, int], Inversion] = OrderedDict()
         self._subspaces: OrderedDict[tuple, tuple] = OrderedDict()  # region_subspaces results, same policy
         self._cache_size = cache_size
 
+    @property
+    def num_steps(self) -> int:
+        """Deprecated name of :attr:`num_inference_steps`."""
+        warn_renamed("LocalEditor.num_steps", "LocalEditor.num_inference_steps")
+        return self.num_inference_steps
+
     @classmethod
-    def from_pretrained(cls, source=None, *, device="cpu", dtype=torch.float32, **kwargs) -> "LocalEditor":
-        """Load a model (hub id or local folder; none: the embedded default model) and wrap it; ``kwargs`` go to
-        :class:`LocalEditor`. Diffusers' loading chatter is silenced."""
+    def from_pretrained(cls, source=None, *, torch_dtype: torch.dtype = torch.float32, device="cpu",
+                        dtype: torch.dtype | None = None, **kwargs) -> "LocalEditor":
+        """Load a model (hub id or local folder; none: the embedded default model) and wrap it, as diffusers'
+        ``from_pretrained`` does: ``torch_dtype`` for the weights, ``device`` to run on. ``kwargs`` go to
+        :class:`LocalEditor` (``num_inference_steps``, ``progress``). Diffusers' loading chatter is silenced."""
         from localdiff.model import default_model_path
 
+        if dtype is not None:
+            warn_renamed("LocalEditor.from_pretrained(dtype=...)", "torch_dtype=...")
+            torch_dtype = dtype
         if source is None:
             source = default_model_path()
             if source is None:
                 raise LocalDiffError("this install has no embedded default model; pass a model folder or hub id")
-        return cls(load_model(source, device=device, dtype=dtype), **kwargs)
+        return cls(load_model(source, device=device, torch_dtype=torch_dtype), **kwargs)
 
     # ------------------------------------------------------------------ inversion
     def prepare(self, image: ImageLike, *, name: str = "image") -> Tensor:
@@ -211,10 +213,14 @@ class LocalEditor:
             return image
         return load_image(image, self.model.resolution, name=name)
 
-    def invert(self, image: ImageLike, *, num_steps: int | None = None) -> Inversion:
+    def invert(self, image: ImageLike, *, num_inference_steps: int | None = None,
+               num_steps: int | None = None) -> Inversion:
         """DDIM-invert ``image`` and regenerate it unedited (cached per image and step count)."""
+        if num_steps is not None:
+            warn_renamed("invert(num_steps=...)", "num_inference_steps=...")
+            num_inference_steps = num_steps
         x0 = self.prepare(image)
-        steps = num_steps or self.num_steps
+        steps = num_inference_steps or self.num_inference_steps
         key = (tensor_hash(x0), steps)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -251,24 +257,22 @@ class LocalEditor:
         self,
         image: ImageLike,
         masks: Mapping[str, ImageLike],
+        config: DiscoveryConfig | None = None,
         *,
-        method: str = DEFAULTS["method"],
-        timestep: float = DEFAULTS["timestep"],
-        k: int = DEFAULTS["k"],
-        oversample: int = DEFAULTS["oversample"],
-        joint_rank: int | str | None = DEFAULTS["joint_rank"],
-        individual_rank: int | None = DEFAULTS["individual_rank"],
-        rest_block: bool = DEFAULTS["rest_block"],
-        null_rank: int = DEFAULTS["null_rank"],
-        track: bool = DEFAULTS["track"],
-        seed: int = DEFAULTS["seed"],
-        max_iter: int = DEFAULTS["max_iter"],
-        tol_deg: float = DEFAULTS["tol_deg"],
-        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+        **settings,
     ) -> Directions:
         """Find each region's local h-space directions.
 
-        ``timestep`` is a fraction of T (1 = pure noise). For each region the top-``k`` right singular vectors of
+        ``config`` (default: ``DiscoveryConfig()``) holds the settings; keywords named like its fields override
+        it (``discover(image, masks, method="masked", k=4)``). ``timestep`` is an integer t (0 .. T-1) or a
+        fraction of T (1 = pure noise). ``generator`` (a ``torch.Generator``), when given, draws the seed of the
+        subspace iteration's random start instead of ``seed``; the seed used is in ``meta["seed"]``.
+
+        ``image`` may be a list of images (or a batch of more than one): the directions are then discovered
+        jointly over them, from the stacked Jacobians [J_1; J_2; ...] of one h offset shared by all the images
+        (the same masks on each; ``unit`` is their mean |h|), for edits that transfer across a set of aligned
+        images. For each region the top-``k`` right singular vectors of
         the masked Jacobian d(m * eps)/dh are found by subspace iteration (all regions in one batch); then
         ``method`` (see :data:`DISCOVERY_METHODS`) turns them into ``individual_rank`` local directions per
         region (``None``: as many as AJIVE's individual-rank rule finds for ``jive``, at least one and at most
@@ -294,29 +298,17 @@ class LocalEditor:
         applied again, and each direction keeps the sign of its neighbour. Edits then apply each step's own
         direction (``Direction.vector_at``).
         """
-        if method not in DISCOVERY_METHODS:
-            raise LocalDiffError(f"unknown discovery method {method!r}; choose one of {', '.join(DISCOVERY_METHODS)}")
-        if not 0.0 < timestep <= 1.0:
-            raise LocalDiffError(f"timestep must be a fraction of T in (0, 1], got {timestep}")
-        dim = math.prod(self.model.h_shape)
-        if not 1 <= k <= min(MAX_K, dim):
-            raise LocalDiffError(f"k (singular vectors per region) must be in 1..{min(MAX_K, dim)}, got {k}; 3-16 is usual "
-                                 f"(h-space has {dim} dimensions, and the work grows with k)")
-        if oversample < 0 or k + oversample > dim:
-            raise LocalDiffError(f"oversample must be in 0..{dim - k} (k + oversample at most h-space's {dim} "
-                                 f"dimensions), got {oversample}")
-        if individual_rank is not None and not 1 <= individual_rank <= k:
-            raise LocalDiffError(f"individual rank must be in 1..k={k}, got {individual_rank}")
-        if isinstance(joint_rank, str):
-            if joint_rank != "permutation":
-                raise LocalDiffError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation' (Lock et "
-                                     f"al.'s test), got {joint_rank!r}")
-        elif joint_rank is not None and not 0 <= joint_rank < k * len(masks):
-            raise LocalDiffError(f"joint rank must be in 0..{k * len(masks) - 1}, got {joint_rank}")
-        if not 1 <= null_rank <= min(MAX_K, dim):
-            raise LocalDiffError(f"null rank must be in 1..{min(MAX_K, dim)}, got {null_rank}")
-        region_masks = self.prepare_masks(masks, image)
-        inv = self.invert(image)
+        cfg = _config(config, settings, generator)
+        timestep = cfg.check(math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
+        method, k, oversample, joint_rank = cfg.method, cfg.k, cfg.oversample, cfg.joint_rank
+        individual_rank, rest_block, null_rank, track = cfg.individual_rank, cfg.rest_block, cfg.null_rank, cfg.track
+        seed, max_iter, tol_deg, chunk_size = cfg.seed, cfg.max_iter, cfg.tol_deg, cfg.chunk_size
+        invs = self._inversions(image)
+        if track and len(invs) > 1:
+            raise LocalDiffError("directions discovered jointly over several images cannot be tracked yet; discover "
+                                 "without track, or track on one image")
+        region_masks = self.prepare_masks(masks, image[0] if _is_many(image) else image)
+        inv = invs[0]
         names = list(region_masks)
         region_list = [region_masks[n] for n in names]
         common = dict(timestep=timestep, oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg,
@@ -332,7 +324,7 @@ class LocalEditor:
                 log.warning("region %s: subspace iteration stopped at max_iter=%d, an estimated %.3g deg from "
                             "convergence (tol_deg %.3g); raise max_iter for a tighter subspace", n, its, err, tol_deg)
         model = self.model
-        _, jvp, _, out = self._decoder_at(inv, step, chunk_size)
+        _, jvp, _, out = self._decoder_at(invs, step, chunk_size)
         flat_masks = list(pixel_masks(region_list, out.shape[1], out.double()))
         keep = individual_rank if individual_rank is not None else min(3, k)
         chosen, sigmas, joint, info = _split(method, subs, jvp, flat_masks, keep=keep, individual_rank=individual_rank,
@@ -358,7 +350,7 @@ class LocalEditor:
             model_name=model.name,
             model_fingerprint=model.fingerprint,
             h_shape=list(enc.h.shape[1:]),
-            h_norm=float(enc.h.norm()),
+            h_norm=float(enc.h.norm()) if len(invs) == 1 else sum(float(i.hs[step].norm()) for i in invs) / len(invs),
             timestep=int(t),
             timestep_fraction=float(timestep),
             step_index=step,
@@ -374,7 +366,8 @@ class LocalEditor:
             converged=dict(zip(names, res.converged)),
             eps_locality=eps_loc,
             **info,
-            source_image_hash=inv.image_hash,
+            source_image_hash="+".join(i.image_hash for i in invs),
+            images=len(invs),
             localdiff_version=_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -429,14 +422,11 @@ class LocalEditor:
         image: ImageLike,
         reference: ImageLike,
         masks: Mapping[str, ImageLike],
+        config: DiscoveryConfig | None = None,
         *,
-        timestep: float = DEFAULTS["timestep"],
-        k: int = DEFAULTS["k"],
-        oversample: int = DEFAULTS["oversample"],
-        seed: int = DEFAULTS["seed"],
-        max_iter: int = DEFAULTS["max_iter"],
-        tol_deg: float = DEFAULTS["tol_deg"],
+        generator: torch.Generator | None = None,
         reference_name: str | None = None,
+        **settings,
     ) -> Directions:
         """One direction per region that moves ``image``'s region towards ``reference``'s ("make this mouth like
         that one"; the IJCV extension's reference-guided edit).
@@ -446,13 +436,13 @@ class LocalEditor:
         ``discover(method="masked")`` computes), which keeps the part of the difference that acts on the region.
         The direction is that projection, normalised; ``meta["reference_strength"][region]`` is the strength at
         which an edit adds the whole projected difference (|P (h_ref - h_src)| / |h_src|). Like any direction it
-        can be saved, composed and applied to other images.
+        can be saved, composed and applied to other images. Of ``config`` (and the keyword ``settings``) it uses
+        the subspace settings: ``timestep``, ``k``, ``oversample``, ``seed``, ``max_iter``, ``tol_deg``,
+        ``chunk_size``.
         """
-        if not 0.0 < timestep <= 1.0:
-            raise LocalDiffError(f"timestep must be a fraction of T in (0, 1], got {timestep}")
-        dim = math.prod(self.model.h_shape)
-        if not 1 <= k <= min(MAX_K, dim):
-            raise LocalDiffError(f"k (singular vectors per region) must be in 1..{min(MAX_K, dim)}, got {k}")
+        cfg = _config(config, settings, generator)
+        timestep = cfg.check(math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
+        k, oversample, seed = cfg.k, cfg.oversample, cfg.seed
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
         if torch.equal(x_src, x_ref):
@@ -460,7 +450,8 @@ class LocalEditor:
         src, ref = self.invert(x_src), self.invert(x_ref)
         names = list(region_masks)
         res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep, k=k,
-                                               oversample=oversample, seed=seed, max_iter=max_iter, tol_deg=tol_deg)
+                                               oversample=oversample, seed=seed, max_iter=cfg.max_iter,
+                                               tol_deg=cfg.tol_deg, chunk_size=cfg.chunk_size)
         work = linalg_dtype(self.model.dtype)
         diff = (ref.hs[step] - src.hs[step]).flatten().to(work)
         unit = float(enc.h.norm())
@@ -474,7 +465,7 @@ class LocalEditor:
             chosen.append((projected / size)[None])
             moved.append(size[None])
             strength[n] = float(size) / unit
-        _, jvp, _, out = self._decoder_at(src, step)
+        _, jvp, _, out = self._decoder_at(src, step, cfg.chunk_size)
         flat_masks = list(pixel_masks([region_masks[n] for n in names], out.shape[1], out.double()))
         eps_loc, _ = _eps_locality(jvp, chosen, flat_masks, names, self.model)
         meta = dict(
@@ -490,30 +481,32 @@ class LocalEditor:
         return Directions(
             individual={n: v.cpu() for n, v in zip(names, chosen)},
             individual_sigma={n: m.cpu() for n, m in zip(names, moved)},
-            joint=torch.zeros(0, dim, dtype=work),
+            joint=torch.zeros(0, res.vectors.shape[-1], dtype=work, device="cpu"),
             masks={n: region_masks[n].cpu() for n in names},
             region_sigma={n: res.sigma[i].cpu() for i, n in enumerate(names)},
             meta=meta,
         )
 
     def region_subspaces(self, image: ImageLike, masks: Sequence[Tensor], *, timestep: float, k: int,
-                         oversample: int = DEFAULTS["oversample"], seed: int = DEFAULTS["seed"],
-                         max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"],
+                         oversample: int = DiscoveryConfig.oversample, seed: int = DiscoveryConfig.seed,
+                         max_iter: int = DiscoveryConfig.max_iter, tol_deg: float = DiscoveryConfig.tol_deg,
                          chunk_size: int | None = None):
-        """Top-``k`` right singular vectors of d(m * eps)/dh for each mask (R, R) at ``timestep`` of ``image``'s
+        """Top-``k`` right singular vectors of d(m * eps)/dh for each mask (R, R) at ``timestep`` (a fraction of T)
+        of ``image``'s
         trajectory, all masks in one batched subspace iteration. Returns ``(SubspaceResult, Encoded, step)``.
 
         Results are cached per image, masks and settings: rediscovering with other JIVE ranks, or running the
         masked-Jacobian baseline after :meth:`discover`, costs no further Jacobian products."""
-        inv = self.invert(image)
+        invs = self._inversions(image)
+        inv = invs[0]
         model = self.model
         step = inv.schedule.index_of(timestep)
-        key = (inv.image_hash, len(inv.schedule), tensor_hash(torch.stack([m.float().cpu() for m in masks])), step,
+        key = ("+".join(i.image_hash for i in invs), len(inv.schedule), tensor_hash(torch.stack([m.float().cpu() for m in masks])), step,
                k, oversample, seed, max_iter, tol_deg)
         if key in self._subspaces:
             self._subspaces.move_to_end(key)
             return self._subspaces[key]
-        enc, jvp, vjp, out = self._decoder_at(inv, step, chunk_size)
+        enc, jvp, vjp, out = self._decoder_at(invs, step, chunk_size)
         mask_out = pixel_masks(list(masks), out.shape[1], out)
         res = subspace_iteration(
             jvp, vjp, enc.h[0].numel(), mask_out, k, oversample=oversample, max_iter=max_iter, tol_deg=tol_deg,
@@ -524,14 +517,44 @@ class LocalEditor:
             self._subspaces.popitem(last=False)
         return res, enc, step
 
-    def _decoder_at(self, inv: Inversion, step: int, chunk_size: int | None = None):
+    def _inversions(self, image) -> list[Inversion]:
+        """One image, or several (a list, or a batch of more than one) for joint discovery: their inversions."""
+        if not _is_many(image):
+            return [self.invert(image)]
+        return [self.invert(im[None] if isinstance(image, Tensor) else im) for im in image]
+
+    def _decoder_at(self, inv: Inversion | Sequence[Inversion], step: int, chunk_size: int | None = None):
         """Encode the unedited latent of step ``step`` once; JVP/VJP of h -> eps through the decoder there.
-        Returns ``(Encoded, jvp, vjp, eps)``."""
+        Returns ``(Encoded, jvp, vjp, eps)``.
+
+        Several inversions give the stacked Jacobian [J_1; J_2; ...] of one shared h offset (joint discovery):
+        ``jvp`` concatenates the images' responses, ``vjp`` sums the images' pullbacks, ``eps`` is the images'
+        noise predictions side by side along the channels (so the masks tile over them) and the ``Encoded`` is
+        the first image's."""
         model = self.model
-        with torch.no_grad():
-            enc = model.encode(inv.xs[step], inv.schedule.timesteps[step])
-        jvp, vjp, out = decoder_operators(lambda h: model.decode(h, enc.skips, enc.temb), enc.h, chunk_size=chunk_size)
-        return enc, jvp, vjp, out
+        invs = [inv] if isinstance(inv, Inversion) else list(inv)
+        ops = []
+        for one in invs:
+            with torch.no_grad():
+                enc = model.encode(one.xs[step], one.schedule.timesteps[step])
+            ops.append((enc, *decoder_operators(lambda h, e=enc: model.decode(h, e.skips, e.temb), enc.h,
+                                                chunk_size=chunk_size)))
+        if len(ops) == 1:
+            return ops[0]
+        encs, jvps, vjps, outs = zip(*ops)
+        sizes = [o.numel() for o in outs]
+
+        def jvp(vs: Tensor) -> Tensor:
+            return torch.cat([f(vs) for f in jvps], dim=1)
+
+        def vjp(us: Tensor) -> Tensor:
+            parts = us.split(sizes, dim=1)
+            total = vjps[0](parts[0].contiguous())
+            for f, u in zip(vjps[1:], parts[1:]):
+                total = total + f(u.contiguous())
+            return total
+
+        return encs[0], jvp, vjp, torch.cat(outs, dim=1)
 
     # ------------------------------------------------------------------ editing
     def render(
@@ -539,22 +562,67 @@ class LocalEditor:
         image: ImageLike,
         edits: Sequence[Sequence[Edit]],
         *,
-        schedule: str = DEFAULTS["schedule"],
+        schedule: str = EDIT_SCHEDULE,
         asymmetric: bool = False,
-        timestep: float | None = None,
+        timestep: int | float | None = None,
         allow_foreign: bool = False,
+        num_inference_steps: int | None = None,
     ) -> Tensor:
         """Regenerate ``image`` once per entry of ``edits`` (a list of (direction, strength) pairs each), batched.
 
         Returns (B, C, R, R) in [-1, 1]. ``schedule``: ``all`` steps, ``window`` (from T down to the discovery
         timestep) or ``single`` (the discovery timestep only), each direction at its own discovery timestep;
-        ``timestep`` overrides the directions' own.
+        ``timestep`` (an integer t or a fraction of T) overrides the directions' own.
         An entry with no edits (or only zero strengths) is the unedited reconstruction, bit for bit.
         """
+        self._check_edits(edits, schedule, allow_foreign)
+        inv = self.invert(image, num_inference_steps=num_inference_steps)
+        per_step = self._offsets(edits, inv.schedule, schedule, timestep, inv.hs[0].shape[1:])
+        result = inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
+        if not per_step:
+            return result
+        edited = torch.stack([d.flatten(1).ne(0).any(dim=1) for d in per_step.values()]).any(dim=0)
+        if not edited.any():  # rows with no offset *are* the reconstruction
+            return result
+        start = min(per_step)  # before the first edited step the trajectory is the cached one
+        active = {i: d[edited] for i, d in per_step.items()}
+        x_start = inv.xs[start].expand(int(edited.sum()), -1, -1, -1)
+        out, _, _ = ddim_sample(self.model, x_start, inv.schedule, start=start, delta_h=active.get,
+                                asymmetric=asymmetric, progress=self.progress)
+        result[edited] = out
+        return result
+
+    def render_images(
+        self,
+        images: Tensor,
+        edits: Sequence[Edit],
+        *,
+        schedule: str = EDIT_SCHEDULE,
+        asymmetric: bool = False,
+        timestep: int | float | None = None,
+        allow_foreign: bool = False,
+        num_inference_steps: int | None = None,
+    ) -> Tensor:
+        """Apply the same ``edits`` to a batch of images (B, C, R, R) in [-1, 1]: one batched inversion and one
+        batched edited regeneration through the U-Net (no unedited regeneration, no cache: the path for folders
+        of images). Returns (B, C, R, R) in [-1, 1]; each row matches :meth:`render` of that image to float
+        rounding (the batch changes the order of some sums)."""
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            raise LocalDiffError("render_images takes a (B, C, R, R) tensor; load images with LocalEditor.prepare")
+        self._check_edits([edits], schedule, allow_foreign)
+        model = self.model
+        sched = make_schedule(model, num_inference_steps or self.num_inference_steps)
+        x_T = ddim_invert(model, images, sched, progress=self.progress)
+        per_step = self._offsets([edits], sched, schedule, timestep, model.h_shape)
+        out, _, _ = ddim_sample(model, x_T, sched, delta_h=per_step.get, asymmetric=asymmetric,
+                                progress=self.progress)
+        return out
+
+    def _check_edits(self, edits: Sequence[Sequence[Edit]], schedule: str, allow_foreign: bool) -> None:
         if schedule not in EDIT_SCHEDULES:
             raise LocalDiffError(f"unknown edit schedule {schedule!r}; choose one of {', '.join(EDIT_SCHEDULES)}")
         model = self.model
-        h_numel = None
+        dim = math.prod(model.h_shape)
         for edit in edits:
             for direction, strength in edit:
                 _check_strength(strength)
@@ -564,53 +632,44 @@ class LocalEditor:
                         f"{direction.fingerprint}, this one is {model.fingerprint}); pass allow_foreign=True "
                         f"(CLI: --allow-foreign-model) to apply it anyway"
                     )
-                h_numel = direction.vector.numel()
-        inv = self.invert(image)
-        if h_numel is not None and h_numel != inv.hs[0][0].numel():
-            raise LocalDiffError(
-                f"directions have {h_numel} h-space dimensions but this model's h has {inv.hs[0][0].numel()}"
-            )
-        # Each direction is applied at the steps its own discovery timestep (or ``timestep``) selects, so edits
-        # composed from directions found at different timesteps each keep their own window.
-        shape = inv.hs[0].shape[1:]
+                if direction.vector.numel() != dim:
+                    raise LocalDiffError(f"directions have {direction.vector.numel()} h-space dimensions but this "
+                                         f"model's h has {dim}")
+
+    def _offsets(self, edits: Sequence[Sequence[Edit]], sched: Schedule, kind: str, timestep: int | float | None,
+                 shape) -> dict[int, Tensor]:
+        """Per DDIM step, the h offsets of each entry of ``edits`` (len(edits), *shape); steps with none are absent.
+
+        Each direction is applied at the steps its own discovery timestep (or ``timestep``) selects, so edits
+        composed from directions found at different timesteps each keep their own window."""
+        model = self.model
+        override = None if timestep is None else timestep_fraction(timestep, model.num_train_timesteps)
         per_step: dict[int, Tensor] = {}
         for b, edit in enumerate(edits):
             for direction, strength in edit:
                 if strength == 0:
                     continue
-                if direction.per_step is not None and direction.num_steps != len(inv.schedule):
+                if direction.per_step is not None and direction.num_steps != len(sched):
                     raise LocalDiffError(
                         f"direction {direction.name} was tracked over {direction.num_steps} DDIM steps; edit with "
                         f"the same number of steps (--steps {direction.num_steps}), or rediscover without tracking")
-                frac = timestep if timestep is not None else direction.timestep_fraction
-                for i in edit_steps(inv.schedule, schedule, inv.schedule.index_of(frac)):
+                frac = override if override is not None else direction.timestep_fraction
+                for i in edit_steps(sched, kind, sched.index_of(frac)):
                     if i not in per_step:
                         per_step[i] = torch.zeros(len(edits), *shape, device=model.device, dtype=model.dtype)
                     v = direction.vector_at(i).to(model.device, model.dtype).reshape(shape)
                     per_step[i][b] += float(strength) * direction.unit * v
-        result = inv.reconstruction.expand(len(edits), -1, -1, -1).clone()
-        if not per_step:
-            return result
-        edited = torch.stack([d.flatten(1).ne(0).any(dim=1) for d in per_step.values()]).any(dim=0)
-        if not edited.any():  # rows with no offset *are* the reconstruction
-            return result
-        start = min(per_step)  # before the first edited step the trajectory is the cached one
-        active = {i: d[edited] for i, d in per_step.items()}
+        return per_step
 
-        def delta_h(i: int):
-            return active.get(i)
-
-        x_start = inv.xs[start].expand(int(edited.sum()), -1, -1, -1)
-        out, _, _ = ddim_sample(model, x_start, inv.schedule, start=start, delta_h=delta_h, asymmetric=asymmetric,
-                                progress=self.progress)
-        result[edited] = out
-        return result
-
-    def edit(self, image: ImageLike, direction: Direction | Sequence[Edit], strength: float | None = None,
-             **kwargs) -> Image.Image:
+    def edit(self, image: ImageLike | Sequence[ImageLike], direction: Direction | Sequence[Edit],
+             strength: float | None = None, *, output_type: str = "pil", **kwargs):
         """Edit ``image`` along ``direction`` by ``strength``, or along several ``[(direction, strength), ...]``.
 
-        Returns a PIL image at the model's resolution. Keyword arguments go to :meth:`render`.
+        ``image`` may also be a list of images (or a (B, C, R, R) batch): they are edited together, batched
+        through the U-Net (:meth:`render_images`), and a list (or batch) comes back.
+        ``output_type`` (as in diffusers): ``"pil"`` a PIL image at the model's resolution, ``"pt"`` a float
+        tensor (C, R, R) in [0, 1], ``"np"`` a float array (R, R, C) in [0, 1]. Keyword arguments go to
+        :meth:`render` (``schedule``, ``asymmetric``, ``timestep``, ``allow_foreign``, ``num_inference_steps``).
         """
         if isinstance(direction, Direction):
             if strength is None:
@@ -618,20 +677,58 @@ class LocalEditor:
             edits = [(direction, strength)]
         else:
             edits = list(direction)
-        return to_pil(self.render(image, [edits], **kwargs)[0])
+        _check_output_type(output_type)
+        if _is_many(image):
+            batch = image if isinstance(image, Tensor) else torch.cat([self.prepare(im) for im in image])
+            return _output(self.render_images(batch, edits, **kwargs), output_type)
+        return _output(self.render(image, [edits], **kwargs), output_type)[0]
 
-    def sweep(self, image: ImageLike, direction: Direction, strengths: Sequence[float], **kwargs) -> Tensor:
-        """The image edited at each of ``strengths`` (batched): (len(strengths), C, R, R) in [-1, 1]."""
-        return self.render(image, [[(direction, s)] for s in strengths], **kwargs)
+    def sweep(self, image: ImageLike, direction: Direction, strengths: Sequence[float], *, output_type: str = "pil",
+              **kwargs):
+        """The image edited at each of ``strengths`` (batched): a list of PIL images (``output_type="pil"``), or
+        a (len(strengths), C, R, R) tensor (``"pt"``) / (len(strengths), R, R, C) array (``"np"``) in [0, 1].
+        Keyword arguments go to :meth:`render`."""
+        _check_output_type(output_type)
+        return _output(self.render(image, [[(direction, s)] for s in strengths], **kwargs), output_type)
 
-    def responses(self, image: ImageLike, vectors: Tensor, timestep: float) -> Tensor:
+    def responses(self, image: ImageLike, vectors: Tensor, timestep: int | float) -> Tensor:
         """J v for h-space vectors (m, d) at ``timestep`` on ``image``'s trajectory: eps responses (m, C, R, R)."""
         inv = self.invert(image)
-        _, jvp, _, out = self._decoder_at(inv, inv.schedule.index_of(timestep))
+        frac = timestep_fraction(timestep, self.model.num_train_timesteps)
+        _, jvp, _, out = self._decoder_at(inv, inv.schedule.index_of(frac))
         return jvp(vectors.to(self.model.device, self.model.dtype)).reshape(len(vectors), *out.shape[1:])
 
 
 # ---------------------------------------------------------------------- helpers
+def _config(config: DiscoveryConfig | None, settings: dict, generator: torch.Generator | None) -> DiscoveryConfig:
+    """``config`` with keyword ``settings`` applied; with a ``generator``, the seed drawn from it."""
+    if config is not None and not isinstance(config, DiscoveryConfig):
+        raise LocalDiffError(f"config must be a DiscoveryConfig, got {type(config).__name__}; pass settings as "
+                             f"keywords (e.g. method='masked') or DiscoveryConfig(...)")
+    cfg = (config or DiscoveryConfig()).replace(**settings)
+    if generator is not None:
+        cfg = cfg.replace(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    return cfg
+
+
+def _is_many(image) -> bool:
+    return isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.ndim == 4 and len(image) > 1)
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise LocalDiffError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (as in diffusers), got {output_type!r}")
+
+
+def _output(x: Tensor, output_type: str):
+    """A (B, C, R, R) batch in [-1, 1] as diffusers pipelines return images: ``pil`` a list of PIL images, ``pt``
+    a float tensor in [0, 1], ``np`` a float array (B, R, R, C) in [0, 1]."""
+    if output_type == "pil":
+        return to_pil(x)
+    unit = ((x.float() + 1) / 2).clamp(0, 1)
+    return unit.cpu() if output_type == "pt" else unit.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _check_strength(strength: float) -> None:
     s = float(strength)
     if s != s or s in (float("inf"), float("-inf")):

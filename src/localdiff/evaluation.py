@@ -14,7 +14,7 @@ from torch import Tensor
 
 from localdiff import baselines, metrics
 from localdiff.baselines import METHODS
-from localdiff.editor import DEFAULTS, FAST_DISCOVERY
+from localdiff.config import DiscoveryConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ class EvalSettings:
     schedule: str = "all"  # h-space edit schedule (x-space methods edit once, at their timestep)
     transfer: bool = True
     pca_samples: int = 256
-    discover: dict = field(default_factory=lambda: dict(FAST_DISCOVERY))
+    discover: dict = field(default_factory=lambda: DiscoveryConfig.fast().changes())
 
 
 def interpolate_strength(strengths: Sequence[float], changes: Sequence[float], target: float) -> tuple[float, bool]:
@@ -308,7 +308,7 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
         timings.setdefault(m, [])
     extra: dict = {}
     if any(baselines.parse_method(m)[0] == "pca" for m in settings.methods) and len(done) < len(faces):
-        extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DEFAULTS["timestep"]),
+        extra["components"] = fit_hspace_pca(editor, timestep=settings.discover.get("timestep", DiscoveryConfig.timestep),
                                              n_samples=settings.pca_samples)
     previous: dict[str, tuple[str, object]] = {}
     if done and settings.transfer:

@@ -94,8 +94,9 @@ def as_pil(img: ImageLike, what: str) -> Image.Image:
     raise LocalDiffError(f"{what} must be a path, PIL image, numpy array or tensor, got {type(img).__name__}")
 
 
-def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tensor:
-    """RGB image -> tensor (1, 3, R, R) in [-1, 1]; other sizes are centre-cropped and resized (with a notice)."""
+def load_image(img: ImageLike, resolution: int, *, name: str = "image", resize_note: bool = True) -> Tensor:
+    """RGB image -> tensor (1, 3, R, R) in [-1, 1]; other sizes are centre-cropped and resized (with a notice,
+    unless ``resize_note`` is off: a folder run says it once for all its images)."""
     pil = as_pil(img, "image")
     if pil.mode not in ("RGB", "RGBA", "L", "P", "LA", "PA", "1", "CMYK", "YCbCr"):
         raise LocalDiffError(f"{name} has image mode {pil.mode}, which localdiff cannot use; save it as RGB PNG")
@@ -106,7 +107,7 @@ def load_image(img: ImageLike, resolution: int, *, name: str = "image") -> Tenso
                         name)
     pil = pil.convert("RGB")
     if pil.size != (resolution, resolution):
-        log.warning(
+        (log.warning if resize_note else log.debug)(
             "note: %s is %dx%d; centre-cropping and resizing it to the model's %dx%d",
             name, pil.size[0], pil.size[1], resolution, resolution,
         )

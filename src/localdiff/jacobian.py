@@ -134,7 +134,7 @@ def subspace_iteration(
     work = linalg_dtype(dtype)
     masks = masks.to(device=device, dtype=work)
     gen = torch.Generator().manual_seed(seed)
-    init = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64)
+    init = torch.randn(n_regions, q, dim, generator=gen, dtype=torch.float64, device="cpu")  # same start on any device
     if start is not None:
         if start.shape[0] != n_regions or start.shape[1] > q or start.shape[2] != dim:
             raise ValueError(f"start must have shape ({n_regions}, <= {q}, {dim}), got {tuple(start.shape)}")

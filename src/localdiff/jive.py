@@ -88,7 +88,8 @@ class JointRankEstimate:
 def _orthonormal_complement_samples(basis: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """``n`` random orthonormal (dim, r) frames orthogonal to the columns of ``basis`` (dim, r): (n, dim, r)."""
     dim, r = basis.shape
-    z = torch.randn(n, dim, r, generator=generator, dtype=basis.dtype)
+    # drawn on the CPU (the generator is a CPU one, and the draw must not depend on the device), then moved
+    z = torch.randn(n, dim, r, generator=generator, dtype=basis.dtype, device="cpu").to(basis.device)
     z = z - basis @ (basis.T @ z)
     return torch.linalg.qr(z)[0]
 
@@ -136,9 +137,10 @@ def ajive_joint_rank(blocks: list[Tensor], signal_ranks: list[int], *, samples: 
     random_max, wedin = [], []
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
-        frames = [torch.linalg.qr(torch.randn(n, d, r, generator=g, dtype=torch.float64))[0] for r in signal_ranks]
-        random_max.append(torch.linalg.matrix_norm(torch.cat(frames, dim=2), ord=2) ** 2)
-        sin2 = torch.zeros(n, dtype=torch.float64)
+        frames = [torch.linalg.qr(torch.randn(n, d, r, generator=g, dtype=torch.float64, device="cpu"))[0]
+                  for r in signal_ranks]
+        random_max.append(torch.linalg.matrix_norm(torch.cat(frames, dim=2), ord=2).to(xs[0].device) ** 2)
+        sin2 = torch.zeros(n, dtype=torch.float64, device=xs[0].device)
         for x, v, u, s, r in zip(xs, bases, u_bases, sigmas, signal_ranks):
             right = torch.linalg.matrix_norm(x @ _orthonormal_complement_samples(v, n, g), ord=2)
             left = torch.linalg.matrix_norm(x.T @ _orthonormal_complement_samples(u, n, g), ord=2)
@@ -190,7 +192,7 @@ def permutation_joint_rank(blocks: list[Tensor], *, samples: int = 100, percenti
 
     observed = stacked_singular_values(xs)
     permuted = torch.stack([
-        stacked_singular_values([xs[0]] + [x[:, torch.randperm(d, generator=g)] for x in xs[1:]])
+        stacked_singular_values([xs[0]] + [x[:, torch.randperm(d, generator=g, device="cpu").to(x.device)] for x in xs[1:]])
         for _ in range(samples)
     ])
     thresholds = torch.quantile(permuted, percentile / 100, dim=0)

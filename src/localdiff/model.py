@@ -55,8 +55,9 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, device="cpu", dtype=torch.float32) -> "DiffusionModel":
-        return load_model(source, device=device, dtype=dtype)
+    def from_pretrained(cls, source: str | Path, *, torch_dtype: torch.dtype = torch.float32, device="cpu",
+                        dtype: torch.dtype | None = None) -> "DiffusionModel":
+        return load_model(source, device=device, torch_dtype=torch_dtype, dtype=dtype)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -169,16 +170,23 @@ def _diffusers_errors_only():
 
 
 # ---------------------------------------------------------------------- loading
-def load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> DiffusionModel:
+def load_model(source: str | Path, *, device="cpu", torch_dtype: torch.dtype = torch.float32,
+               dtype: torch.dtype | None = None) -> DiffusionModel:
     """Load an unconditional diffusers model from a hub id or a local folder.
 
     The folder (or hub repository) is a saved ``DDPMPipeline``/``DDIMPipeline`` or any layout with ``unet/``
     and ``scheduler/`` subfolders; a bare ``UNet2DModel`` folder (``config.json`` + weights) is accepted too
     and gets a default linear DDPM schedule. Weights load through diffusers' own ``from_pretrained``; its
-    loading hints ("accelerate not found", dtype notes) are silenced.
+    loading hints ("accelerate not found", dtype notes) are silenced. ``torch_dtype`` and ``device`` as in
+    diffusers (``dtype`` is the deprecated name of ``torch_dtype``).
     """
+    if dtype is not None:
+        from localdiff.config import warn_renamed
+
+        warn_renamed("load_model(dtype=...)", "torch_dtype=...")
+        torch_dtype = dtype
     with _diffusers_errors_only():
-        return _load_model(source, device=device, dtype=dtype)
+        return _load_model(source, device=device, dtype=torch_dtype)
 
 
 def _load_model(source: str | Path, *, device="cpu", dtype=torch.float32) -> DiffusionModel:

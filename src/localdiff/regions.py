@@ -29,18 +29,18 @@ MAX_REGIONS = 16
 
 def kmeans(x: Tensor, n: int, *, iters: int = 100, seed: int = 0) -> Tensor:
     """Lloyd's k-means of the rows of ``x`` (m, f) into ``n`` clusters, started by k-means++ (``seed``). Returns
-    the labels (m,), every cluster non-empty (an emptied cluster restarts at the point farthest from its centre)."""
+    the labels (m,) on the CPU, every cluster non-empty (an emptied cluster restarts at the point farthest from its centre)."""
     m = x.shape[0]
     if not 1 <= n <= m:
         raise ValueError(f"cannot make {n} clusters of {m} points")
     g = torch.Generator().manual_seed(seed)
-    x = x.double()
-    centres = x[torch.randint(m, (1,), generator=g)]
+    x = x.detach().to("cpu", torch.float64)  # small; on the CPU, where the seeded draws are
+    centres = x[torch.randint(m, (1,), generator=g, device="cpu")]
     for _ in range(1, n):
         d2 = torch.cdist(x, centres).pow(2).min(1).values
-        pick = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(m, (1,), generator=g)
+        pick = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(m, (1,), generator=g, device="cpu")
         centres = torch.cat([centres, x[pick]])
-    labels = torch.full((m,), -1, dtype=torch.long)
+    labels = torch.full((m,), -1, dtype=torch.long, device="cpu")
     for _ in range(iters):
         dist = torch.cdist(x, centres)
         new = dist.argmin(1)
@@ -71,7 +71,8 @@ def response_profiles(responses: Tensor, sigma: Tensor, *, smooth: int = SMOOTH)
 def regions_from_profiles(profiles: Tensor, resolution: int, n: int, *, spatial_weight: float = SPATIAL_WEIGHT,
                           seed: int = 0) -> dict[str, Tensor]:
     """Cluster per-pixel profiles (R * R, k) into ``n`` masks (R, R), named region1.. from the top down."""
-    ys, xs = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(resolution, device="cpu"), torch.arange(resolution, device="cpu"),
+                            indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], 1).double() / resolution
     labels = kmeans(torch.cat([profiles.double(), spatial_weight * pos], 1), n, seed=seed)
     masks = [(labels == j).view(resolution, resolution) for j in range(n)]
@@ -79,20 +80,21 @@ def regions_from_profiles(profiles: Tensor, resolution: int, n: int, *, spatial_
     return {f"region{i + 1}": m for i, m in enumerate(masks)}
 
 
-def auto_regions(editor, image: ImageLike, n: int, *, timestep: float | None = None, k: int = 8,
+def auto_regions(editor, image: ImageLike, n: int, *, timestep: int | float | None = None, k: int = 8,
                  spatial_weight: float = SPATIAL_WEIGHT, smooth: int = SMOOTH, seed: int = 0) -> dict[str, Tensor]:
     """``n`` regions of ``image`` found from ``editor``'s model (see the module docstring): name -> (R, R) bool
     masks at the model's resolution, disjoint, non-empty, covering the image. ``k``: h-space directions whose
     effects are compared (more gives finer distinctions and costs more)."""
-    from localdiff.editor import DEFAULTS
+    from localdiff.config import DiscoveryConfig, timestep_fraction
 
     if not 2 <= n <= MAX_REGIONS:
         raise LocalDiffError(f"the number of automatic regions must be in 2..{MAX_REGIONS}, got {n}")
     if not 2 <= k <= 64:
         raise LocalDiffError(f"k (directions compared) must be in 2..64, got {k}")
-    timestep = DEFAULTS["timestep"] if timestep is None else timestep
+    timestep = timestep_fraction(DiscoveryConfig.timestep if timestep is None else timestep,
+                                 editor.model.num_train_timesteps)
     res = editor.model.resolution
-    whole = torch.ones(res, res, dtype=torch.bool)
+    whole = torch.ones(res, res, dtype=torch.bool, device="cpu")  # masks live on the CPU, like loaded ones
     sub, _, _ = editor.region_subspaces(image, [whole], timestep=timestep, k=k, oversample=3, seed=seed,
                                         max_iter=15, tol_deg=1.0)
     responses = editor.responses(image, sub.vectors[0], timestep)

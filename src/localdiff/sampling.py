@@ -61,7 +61,7 @@ def make_schedule(model: DiffusionModel, num_steps: int) -> Schedule:
     ts = sched.timesteps.to(torch.long)
     ac = sched.alphas_cumprod.to(torch.float64)
     alpha = ac[ts]
-    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64).reshape(1)
+    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64, device="cpu").reshape(1)  # host scalars
     alpha_next = torch.cat([alpha[1:], final])
     cfg = sched.config
     clip_range = float(cfg.clip_sample_range) if cfg.clip_sample and not cfg.thresholding else None
@@ -183,7 +183,8 @@ def edit_steps(schedule: Schedule, kind: str, step: int) -> Sequence[int]:
 def initial_noise(model: DiffusionModel, n: int, *, seed: int = 0) -> Tensor:
     """``n`` starting latents x_T on the CPU; latent ``i`` depends on ``seed`` and ``i`` only (not on batching)."""
     r = model.resolution
-    return torch.stack([torch.randn(model.in_channels, r, r, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+    return torch.stack([torch.randn(model.in_channels, r, r, device="cpu",
+                                    generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                         for i in range(n)])
 
 

@@ -22,7 +22,8 @@ from PIL import Image
 from torch import Tensor
 
 from localdiff.directions import Directions
-from localdiff.editor import DEFAULTS, DISCOVERY_METHODS, EDIT_RANGE, LocalEditor
+from localdiff.config import DISCOVERY_METHODS, EDIT_RANGE, DiscoveryConfig
+from localdiff.editor import LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import load_image, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_names, template_path
@@ -111,7 +112,7 @@ def sample_input(editor: LocalEditor, session: Session, seed: float) -> Image.Im
     seed = int(seed)
     if seed < 0:
         raise LocalDiffError(f"the seed must be 0 or more, got {seed}")
-    session.reset(generate(editor.model, 1, make_schedule(editor.model, editor.num_steps), seed=seed))
+    session.reset(generate(editor.model, 1, make_schedule(editor.model, editor.num_inference_steps), seed=seed))
     return overlay(session.image, {})
 
 
@@ -175,7 +176,7 @@ def clear_regions(editor: LocalEditor, session: Session) -> Image.Image:
 
 
 def discover(editor: LocalEditor, session: Session, timestep: float, k: int, individual_rank: int,
-             joint_rank: str, method: str = DEFAULTS["method"], stage=None) -> list[str]:
+             joint_rank: str, method: str = DiscoveryConfig.method, stage=None) -> list[str]:
     """Discover local directions for the session's regions; returns the slider names ("region:index").
 
     ``stage(fraction, text)``, if given, is told each stage as it starts (inversion, subspace iteration, JIVE)."""
@@ -197,7 +198,7 @@ def discover(editor: LocalEditor, session: Session, timestep: float, k: int, ind
 
 
 def discover_reference(editor: LocalEditor, session: Session, reference_path: str | None, timestep: float,
-                       k: int = DEFAULTS["k"]) -> list[str]:
+                       k: int = DiscoveryConfig.k) -> list[str]:
     """One direction per region towards an uploaded reference image's region; returns the slider names. The
     strength that adds the whole difference is in the directions' ``meta["reference_strength"]``."""
     image = _need_image(session)
@@ -262,7 +263,7 @@ def sweep_gif(editor: LocalEditor, session: Session, name: str, frames: int = 9)
     if session.directions is None:
         raise LocalDiffError("discover directions first")
     d = session.directions.select(name or session.directions.local()[0].name)
-    out = editor.sweep(image, d, symmetric_strengths(STRENGTH_RANGE, frames))
+    out = editor.render(image, [[(d, s)] for s in symmetric_strengths(STRENGTH_RANGE, frames)])
     path = session.folder() / f"sweep_{d.region}_{d.index}.gif"
     save_gif(out, path)
     return str(path)
@@ -334,11 +335,11 @@ def build_app(editor: LocalEditor):
             with gr.Column():
                 regions_view = gr.Image(label="regions", interactive=False, elem_id="regions", height=256)
                 with gr.Accordion("discovery options", open=False):
-                    timestep = gr.Slider(0.05, 1.0, value=DEFAULTS["timestep"], step=0.05, label="timestep (× T)")
-                    k = gr.Slider(1, 12, value=DEFAULTS["k"], step=1, label="k (singular vectors per region)")
-                    ind_rank = gr.Slider(1, 12, value=DEFAULTS["individual_rank"], step=1, label="local directions per region")
+                    timestep = gr.Slider(0.05, 1.0, value=DiscoveryConfig.timestep, step=0.05, label="timestep (× T)")
+                    k = gr.Slider(1, 12, value=DiscoveryConfig.k, step=1, label="k (singular vectors per region)")
+                    ind_rank = gr.Slider(1, 12, value=DiscoveryConfig.individual_rank, step=1, label="local directions per region")
                     joint = gr.Textbox(value="auto", label="joint rank (jive: auto, permutation or a number)")
-                    method = gr.Dropdown(list(DISCOVERY_METHODS), value=DEFAULTS["method"], label="method",
+                    method = gr.Dropdown(list(DISCOVERY_METHODS), value=DiscoveryConfig.method, label="method",
                                          info="jive: AJIVE split (the paper); masked: top singular vectors; "
                                               "nullspace: projected off the outside's; ratio: most in-region change")
                 discover_btn = gr.Button("discover", variant="primary", elem_id="discover")
@@ -401,15 +402,20 @@ def build_app(editor: LocalEditor):
                 names = discover(editor, session, t, kk, ir, jr, m, stage=lambda f, text: progress(f, desc=text))
             finally:
                 editor.progress = False
-            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
-                   for i in range(MAX_SLIDERS)]
-            views = render(editor, session, [0.0] * len(names))
             meta = session.directions.meta
             its, eps = meta.get("iterations", {}), meta.get("eps_locality", {})
             msg = (f"found {len(names)} local directions ({', '.join(names)}) with {meta['method']}; subspace "
                    f"iterations {', '.join(f'{r} {n}' for r, n in its.items())}; JIVE joint rank "
                    f"{meta['joint_rank']}; eps-level locality of the first direction "
                    f"{', '.join(f'{r} {v[0]:.2f}' for r, v in eps.items())}. Move a slider to edit.")
+            return found(session, names, msg)
+
+        def found(session, names, msg):
+            """The page after new directions: one slider per direction at 0, the unedited views, the sweep
+            choices and the downloads."""
+            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
+                   for i in range(MAX_SLIDERS)]
+            views = render(editor, session, [0.0] * len(names))
             return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
                     files(session))
 
@@ -420,13 +426,9 @@ def build_app(editor: LocalEditor):
         def on_reference(session, ref, t, kk):
             names = discover_reference(editor, session, ref, t, kk)
             strengths = session.directions.meta["reference_strength"]
-            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
-                   for i in range(MAX_SLIDERS)]
-            views = render(editor, session, [0.0] * len(names))
             msg = ("directions towards the reference found (" + ", ".join(
                 f"{r}: strength {v:.3f} adds the whole difference" for r, v in strengths.items()) + "). Move a slider.")
-            return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
-                    files(session))
+            return found(session, names, msg)
 
         reference_btn.click(guarded(on_reference, len(discover_outputs)), [state, reference, timestep, k],
                             discover_outputs, api_name="discover_reference")

@@ -9,21 +9,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from localdiff.baselines import MethodDirections, most_local, picked_first
-from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.config import DiscoveryConfig
+from localdiff.editor import LocalEditor
 from localdiff.images import ImageLike
 from localdiff.sampling import ddim_sample, initial_noise, make_schedule
 
 
 def _discovered(method: str):
-    def run(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
-            timestep: float = DEFAULTS["timestep"], k: int = DEFAULTS["k"], oversample: int = DEFAULTS["oversample"],
-            joint_rank: int | None = DEFAULTS["joint_rank"], individual_rank: int = DEFAULTS["individual_rank"],
-            rest_block: bool = DEFAULTS["rest_block"], null_rank: int = DEFAULTS["null_rank"],
-            track: bool = DEFAULTS["track"], max_iter: int = DEFAULTS["max_iter"],
-            tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
-        dirs = editor.discover(image, masks, method=method, timestep=timestep, k=k, oversample=oversample,
-                               joint_rank=joint_rank, individual_rank=individual_rank, rest_block=rest_block,
-                               null_rank=null_rank, track=track, max_iter=max_iter, tol_deg=tol_deg, seed=seed)
+    def run(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], **settings) -> MethodDirections:
+        """``settings``: :class:`DiscoveryConfig` fields (others, meant for other methods, are ignored)."""
+        cfg = DiscoveryConfig(method=method).replace(
+            **{key: value for key, value in settings.items() if key in DiscoveryConfig.names() and key != "method"})
+        dirs = editor.discover(image, masks, cfg)
+        timestep = dirs.meta["timestep_fraction"]
         info = {key: dirs.meta[key] for key in ("joint_rank", "null_rank", "eps_locality") if key in dirs.meta}
         md = MethodDirections(method, "h", {r: v.cpu() for r, v in dirs.individual.items()}, timestep, dirs.unit,
                               dirs.fingerprint, info=info)
@@ -44,13 +42,13 @@ ratio_directions = _discovered("ratio")  # most in-region eps energy per out-of-
 
 
 @torch.no_grad()
-def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DEFAULTS["timestep"], n_samples: int = 256,
+def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DiscoveryConfig.timestep, n_samples: int = 256,
                    n_components: int = 10, seed: int = 0, batch_size: int = 32) -> tuple[Tensor, float]:
     """Haas et al.'s global directions: principal components of h at ``timestep`` over ``n_samples`` trajectories
     sampled from noise (x̂0 bounded as the scheduler config says, as generation does). Returns ``(components
     (c, d), mean |h|)``."""
     model = editor.model
-    schedule = make_schedule(model, editor.num_steps)
+    schedule = make_schedule(model, editor.num_inference_steps)
     step = schedule.index_of(timestep)
     noise = initial_noise(model, n_samples, seed=seed)
     hs = []
@@ -66,7 +64,7 @@ def fit_hspace_pca(editor: LocalEditor, *, timestep: float = DEFAULTS["timestep"
 
 
 def pca_directions(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *,
-                   timestep: float = DEFAULTS["timestep"], components: tuple[Tensor, float] | None = None,
+                   timestep: float = DiscoveryConfig.timestep, components: tuple[Tensor, float] | None = None,
                    n_samples: int = 256, n_components: int = 10, seed: int = 0, **_) -> MethodDirections:
     """Global h-space PCA; for each region the component whose eps response on ``image`` is most local.
 

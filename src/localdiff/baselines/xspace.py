@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from localdiff.baselines import MethodDirections, most_local, picked_first
-from localdiff.editor import DEFAULTS, LocalEditor
+from localdiff.config import DiscoveryConfig
+from localdiff.editor import LocalEditor
 from localdiff.images import ImageLike
 from localdiff.jacobian import decoder_operators, fix_signs, project_out, subspace_iteration
 from localdiff.masks import pixel_masks
@@ -38,8 +39,8 @@ def _x0_operators(editor: LocalEditor, image: ImageLike, timestep: float):
 
 
 def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *, timestep: float = 0.6,
-              k: int = 3, null_rank: int = 5, oversample: int = DEFAULTS["oversample"],
-              max_iter: int = DEFAULTS["max_iter"], tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0,
+              k: int = 3, null_rank: int = 5, oversample: int = DiscoveryConfig.oversample,
+              max_iter: int = DiscoveryConfig.max_iter, tol_deg: float = DiscoveryConfig.tol_deg, seed: int = 0,
               **_) -> MethodDirections:
     """LOCO Edit as published: top-``k`` right singular vectors of d(m * x0_hat)/dx_t at ``timestep`` (0.6 T for
     faces), projected off the top-``null_rank`` ones of d((1 - m) * x0_hat)/dx_t; applied once at ``timestep``."""
@@ -58,8 +59,8 @@ def loco_edit(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor]
 
 
 def pullback(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], *, timestep: float = 0.6,
-             basis_size: int = 6, oversample: int = DEFAULTS["oversample"], max_iter: int = 20,
-             tol_deg: float = DEFAULTS["tol_deg"], seed: int = 0, **_) -> MethodDirections:
+             basis_size: int = 6, oversample: int = DiscoveryConfig.oversample, max_iter: int = 20,
+             tol_deg: float = DiscoveryConfig.tol_deg, seed: int = 0, **_) -> MethodDirections:
     """Park et al.: the top-``basis_size`` right singular vectors of the encoder Jacobian dh/dx_t at ``timestep``
     (a global, per-image basis of x_t); for each region the one whose x0_hat response is most concentrated in it.
     (The regions' ``k`` does not apply: a global basis is as wide as it is, whatever the regions ask for.)"""
