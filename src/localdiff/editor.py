@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
@@ -150,6 +150,25 @@ def _eps_locality(jvp, chosen: list[Tensor], flat_masks: list[Tensor], names: li
         gains[n] = inside.sqrt()
     return eps_loc, gains
 
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """How an edit is rendered (the keyword options of :meth:`LocalEditor.render`, ``edit`` and ``sweep``)."""
+
+    schedule: str = EDIT_SCHEDULE  # DDIM steps that get the edit: all, window or single
+    asymmetric: bool = False  # Asyrp's step: the edited eps forms only the x0 term
+    timestep: int | float | None = None  # where window/single edits end (default: each direction's own)
+    allow_foreign: bool = False  # apply directions discovered with another model
+    num_inference_steps: int | None = None  # DDIM steps (default: the editor's)
+
+    @classmethod
+    def of(cls, options: Mapping) -> "EditOptions":
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise LocalDiffError(f"unknown edit option {unknown[0]!r}; the options are {', '.join(names)}")
+        return cls(**options)
 
 
 @dataclass
@@ -557,24 +576,19 @@ class LocalEditor:
         return encs[0], jvp, vjp, torch.cat(outs, dim=1)
 
     # ------------------------------------------------------------------ editing
-    def render(
-        self,
-        image: ImageLike,
-        edits: Sequence[Sequence[Edit]],
-        *,
-        schedule: str = EDIT_SCHEDULE,
-        asymmetric: bool = False,
-        timestep: int | float | None = None,
-        allow_foreign: bool = False,
-        num_inference_steps: int | None = None,
-    ) -> Tensor:
+    def render(self, image: ImageLike, edits: Sequence[Sequence[Edit]], **options) -> Tensor:
         """Regenerate ``image`` once per entry of ``edits`` (a list of (direction, strength) pairs each), batched.
 
-        Returns (B, C, R, R) in [-1, 1]. ``schedule``: ``all`` steps, ``window`` (from T down to the discovery
-        timestep) or ``single`` (the discovery timestep only), each direction at its own discovery timestep;
-        ``timestep`` (an integer t or a fraction of T) overrides the directions' own.
+        Returns (B, C, R, R) in [-1, 1]. ``options`` (:class:`EditOptions`): ``schedule`` ``all`` steps,
+        ``window`` (from T down to the discovery timestep) or ``single`` (the discovery timestep only), each
+        direction at its own discovery timestep; ``timestep`` (an integer t or a fraction of T) overrides the
+        directions' own; ``asymmetric`` (Asyrp's step); ``allow_foreign`` (directions of another model);
+        ``num_inference_steps`` (default: the editor's).
         An entry with no edits (or only zero strengths) is the unedited reconstruction, bit for bit.
         """
+        o = EditOptions.of(options)
+        schedule, asymmetric, timestep = o.schedule, o.asymmetric, o.timestep
+        num_inference_steps, allow_foreign = o.num_inference_steps, o.allow_foreign
         self._check_edits(edits, schedule, allow_foreign)
         inv = self.invert(image, num_inference_steps=num_inference_steps)
         per_step = self._offsets(edits, inv.schedule, schedule, timestep, inv.hs[0].shape[1:])
@@ -592,23 +606,16 @@ class LocalEditor:
         result[edited] = out
         return result
 
-    def render_images(
-        self,
-        images: Tensor,
-        edits: Sequence[Edit],
-        *,
-        schedule: str = EDIT_SCHEDULE,
-        asymmetric: bool = False,
-        timestep: int | float | None = None,
-        allow_foreign: bool = False,
-        num_inference_steps: int | None = None,
-    ) -> Tensor:
+    def render_images(self, images: Tensor, edits: Sequence[Edit], **options) -> Tensor:
         """Apply the same ``edits`` to a batch of images (B, C, R, R) in [-1, 1]: one batched inversion and one
         batched edited regeneration through the U-Net (no unedited regeneration, no cache: the path for folders
-        of images). Returns (B, C, R, R) in [-1, 1]; each row matches :meth:`render` of that image to float
-        rounding (the batch changes the order of some sums)."""
+        of images). ``options`` as for :meth:`render`. Returns (B, C, R, R) in [-1, 1]; each row matches
+        :meth:`render` of that image to float rounding (the batch changes the order of some sums)."""
         if not isinstance(images, Tensor) or images.ndim != 4:
             raise LocalDiffError("render_images takes a (B, C, R, R) tensor; load images with LocalEditor.prepare")
+        o = EditOptions.of(options)
+        schedule, asymmetric, timestep = o.schedule, o.asymmetric, o.timestep
+        num_inference_steps, allow_foreign = o.num_inference_steps, o.allow_foreign
         self._check_edits([edits], schedule, allow_foreign)
         model = self.model
         sched = make_schedule(model, num_inference_steps or self.num_inference_steps)
