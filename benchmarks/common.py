@@ -78,3 +78,14 @@ def eval_faces_and_masks(n_faces: int, regions, steps: int):
     if faces.shape[-1] != res:
         faces = torch.nn.functional.interpolate(faces, size=res, mode="bilinear", antialias=True)
     return editor, masks, faces
+
+
+def mean_interval(values, *, signed: bool = False) -> str:
+    """``mean [lo, hi]``: the mean and its 95 % percentile bootstrap interval (``signed``: with + for gains)."""
+    import statistics
+
+    from localdiff.evaluation import bootstrap_interval
+
+    lo, hi = bootstrap_interval(values)
+    f = "+.3f" if signed else ".3f"
+    return f"{statistics.fmean(values):{f}} [{lo:{f}}, {hi:{f}}]"
