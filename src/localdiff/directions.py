@@ -282,7 +282,8 @@ class Directions:
             f"subspace          k={m.get('k')} (+{m.get('oversample')} oversampling), seed {m.get('seed')}",
             f"method            {m.get('method', 'jive')}" + (" (rest-of-image block)" if m.get("rest_block") else ""),
             f"JIVE ranks        joint {m.get('joint_rank')}, individual {m.get('individual_rank') or 'auto'}",
-            f"source image      sha256:{m.get('source_image_hash')}",
+            (f"source images     {m['images']}, jointly (sha256 {m.get('source_image_hash')})" if m.get("images", 1) > 1
+             else f"source image      sha256:{m.get('source_image_hash')}"),
             f"created with      localdiff {m.get('localdiff_version')}",
             f"joint directions  {len(self.joint)}",
             f"per-step          {'tracked to ' + str(len(m.get('per_step_indices', []))) + ' DDIM steps' if self.per_step else 'no (one direction for every step)'}",
