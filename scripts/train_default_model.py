@@ -278,6 +278,9 @@ def main(argv=None) -> None:
         step, elapsed_before = load_compact(args.resume_from, unet, ema, args.arch)
         warm_from = step  # fresh AdamW moments: warm the learning rate up again
         print(f"resumed at step {step} from the compact state in {args.resume_from} (optimiser state re-warmed)")
+        for name in ("loss.csv", "swd.csv"):  # a new work folder goes on with the committed curves
+            if (args.resume_from / name).is_file() and not (work / name).is_file():
+                shutil.copyfile(args.resume_from / name, work / name)
     if args.export_only:
         if args.export is None:
             raise SystemExit("--export-only needs --export DIR")
