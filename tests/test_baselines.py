@@ -256,7 +256,7 @@ def test_saved_method_directions_keep_their_per_step_vectors(tmp_path):
     g = torch.Generator().manual_seed(0)
     tracked = baselines.MethodDirections("jive:track=true", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0,
                                          "abc", per_step={"eyes": torch.randn(4, 2, 8, generator=g)},
-                                         steps=[3, 4, 5, 6], num_inference_steps=10)
+                                         steps=[3, 4, 5, 6], num_steps=10)
     still = baselines.MethodDirections("masked", "h", {"eyes": torch.randn(2, 8, generator=g)}, 0.7, 3.0, "abc")
     save_method_directions({m.method: m for m in (tracked, still)}, "f0", tmp_path / "p.safetensors")
     back = load_method_directions(tmp_path / "p.safetensors", "f0")

@@ -132,6 +132,20 @@ def test_editor_refuses_foreign_directions(editor, discovered, tmp_path):
         editor.edit(texture(), discovered["mouth"][0], strength=float("nan"))
 
 
+def test_a_safetensors_header_that_starts_like_a_pickle_still_loads(discovered, tmp_path):
+    """A safetensors file starts with its header length (8 bytes, little-endian); when its low byte is 0x80 the
+    file starts like a pickle. It must load (found when a new metadata key made a real file's header that long)."""
+    from dataclasses import replace
+
+    path = tmp_path / "d.safetensors"
+    for pad in range(512):
+        replace(discovered, meta=dict(discovered.meta, padding="x" * pad)).save(path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert Directions.load(path).regions == discovered.regions
+
+
 def test_discover_validates_input(editor):
     with pytest.raises(LocalDiffError, match="empty"):
         editor.discover(texture(), {"a": torch.zeros(32, 32, dtype=torch.bool)})

@@ -185,8 +185,13 @@ class Directions:
         p = Path(path)
         if not p.is_file():
             raise LocalDiffError(f"directions file {path} does not exist")
-        head = p.read_bytes()[:8]
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+        # safetensors: an 8-byte little-endian header length, then the JSON header. A header length whose low byte
+        # is 0x80 starts like a pickle, so the file is taken for a pickle only when it is not a safetensors file.
+        size = p.stat().st_size
+        safetensors_like = len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+        if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise LocalDiffError(
                 f"{path} is a pickle/torch checkpoint, not a safetensors directions file; localdiff never unpickles "
                 f"files - make one with 'localdiff discover'"

@@ -460,7 +460,9 @@ class LocalEditor:
         ``chunk_size``.
         """
         cfg = _config(config, settings, generator)
-        timestep = cfg.check(math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
+        # one direction per region: the method's counts (individual_rank, joint_rank) do not apply
+        timestep = cfg.replace(individual_rank=None, joint_rank=None).check(
+            math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
         k, oversample, seed = cfg.k, cfg.oversample, cfg.seed
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
