@@ -447,6 +447,8 @@ def _discover_folder(args) -> int:
             raise LocalDiffError("--mean writes one directions file: give --out DIRS.safetensors, not --out-dir")
         if args.out is None:
             raise LocalDiffError("--mean needs --out DIRS.safetensors: where to write the joint directions")
+        if args.auto_masks:
+            raise LocalDiffError("--mean uses the same regions on every image: give --mask (templates or mask files)")
         if workers.count > 1:
             raise LocalDiffError("--mean is one joint computation; run it in one process (without accelerate launch)")
         out = check_output_path(args.out, (".safetensors",), "--out")
@@ -493,8 +495,6 @@ def _discover_mean(args, editor: LocalEditor, images: list[Path], masks: dict, c
             failed += 1
     if not loaded:
         raise LocalDiffError(f"none of the {len(images)} images in {args.images} could be read")
-    if args.auto_masks:
-        raise LocalDiffError("--mean uses the same regions on every image: give --mask (templates or mask files)")
     region_masks = editor.prepare_masks(masks, loaded[0])
     editor.progress = not args.quiet
     log.info("discovering jointly over %d images ...", len(loaded))
