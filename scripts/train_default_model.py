@@ -81,6 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--decay-start", type=int, default=None, metavar="STEP",
+                   help="from this step on, decay the learning rate (cosine) to --min-lr over --decay-steps steps "
+                        "(default: constant learning rate)")
+    p.add_argument("--decay-steps", type=int, default=1000, help="length of that decay (default: 1000)")
+    p.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the decay (default: 1e-4)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--loss", choices=("mse", "min-snr"), default="mse")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of the min-SNR weighting (default: 5)")
@@ -178,6 +183,10 @@ def save_compact(path: Path, unet, ema, step: int, elapsed: float, arch: str, ar
     state = dict(step=step, elapsed_s=round(elapsed, 1), arch=arch, batch_size=args.batch_size, lr=args.lr,
                  loss=args.loss, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay, seed=args.seed,
                  precision=args.precision, torch=torch.__version__)
+    if args.decay_start is not None:
+        state.update(decay_start=args.decay_start, decay_steps=args.decay_steps, min_lr=args.min_lr,
+                     lr_now=learning_rate(step, args.lr, decay_start=args.decay_start, decay_steps=args.decay_steps,
+                                          min_lr=args.min_lr, warmup=1))
     (path / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -254,6 +263,17 @@ def export(ema, path: Path, info: dict) -> None:
     (path / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def learning_rate(step: int, lr: float, *, warm_from: int = 0, warmup: int = 200, decay_start: int | None = None,
+                  decay_steps: int = 1000, min_lr: float = 1e-4) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up from ``warm_from``, then constant,
+    then (if ``decay_start`` is set) a cosine from ``lr`` down to ``min_lr`` over ``decay_steps`` steps."""
+    rate = lr
+    if decay_start is not None and step >= decay_start:
+        done = min(1.0, (step - decay_start) / max(1, decay_steps))
+        rate = min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * done))
+    return rate * min(1.0, (step + 1 - warm_from) / warmup)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -324,7 +344,8 @@ def main(argv=None) -> None:
         x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(seeds),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        lr = args.lr * min(1.0, (step + 1 - warm_from) / args.warmup)
+        lr = learning_rate(step, args.lr, warm_from=warm_from, warmup=args.warmup, decay_start=args.decay_start,
+                           decay_steps=args.decay_steps, min_lr=args.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, mse = diffusion_loss(unet, x0, t, noise, alphas, loss=args.loss, gamma=args.snr_gamma,

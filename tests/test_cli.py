@@ -195,3 +195,23 @@ def test_discover_reference_writes_one_direction_per_region(files, small_dir, tm
     assert code == 2 and not same.exists()
     assert [line for line in err.splitlines() if "error" in line] == [
         "localdiff: error: the reference is the image itself; give another image to move the region towards"]
+
+
+def test_a_small_k_lowers_the_default_individual_rank(capsys):
+    """``--k 1`` or ``--k 2`` alone used to fail ("individual rank must be in 1..k"): the default rank (3) now
+    follows k down, while an explicit rank above k is still one clear error."""
+    from localdiff.cli import _discovery_config, build_parser
+    from localdiff.config import DiscoveryConfig
+    from localdiff.errors import LocalDiffError
+
+    def config(*extra):
+        args = build_parser().parse_args(["discover", "face.png", "--mask", "mouth", *extra])
+        return _discovery_config(args)
+
+    assert config("--k", "2").individual_rank == 2 and config("--k", "1").individual_rank == 1
+    assert config().individual_rank == DiscoveryConfig.individual_rank == 3
+    assert config("--k", "8").individual_rank == 3 and config("--individual-rank", "auto").individual_rank is None
+    assert DiscoveryConfig().replace(k=2).individual_rank == 2
+    explicit = config("--k", "2", "--individual-rank", "3")
+    with pytest.raises(LocalDiffError, match="individual rank must be in 1..k=2, got 3; lower"):
+        explicit.check(1000, 1, 1000)

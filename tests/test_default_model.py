@@ -34,6 +34,29 @@ def test_documented_config_and_fingerprint(model):
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
 
 
+def test_directions_made_with_the_v0_model_are_refused(model, tmp_path, capsys):
+    """``tests/data/v0_mouth.safetensors`` was discovered with the first default model (v0, fingerprint
+    f0634a463ae46b92; ``localdiff discover face_0.png --mask mouth --method masked --k 1``). The shipped model is
+    another one, so the library and the CLI refuse the file with the foreign-model message."""
+    from pathlib import Path
+
+    from localdiff import LocalEditor
+    from localdiff.demo import example_faces
+    from localdiff.directions import Directions
+    from localdiff.errors import LocalDiffError
+
+    path = Path(__file__).parent / "data" / "v0_mouth.safetensors"
+    old = Directions.load(path)
+    assert old.fingerprint == "f0634a463ae46b92" and model.fingerprint != old.fingerprint
+    with pytest.raises(LocalDiffError, match="another model"):
+        LocalEditor(model, num_inference_steps=4).edit(example_faces()[0], old["mouth"][0], strength=0.1)
+    out = tmp_path / "edited.png"
+    code = main(["edit", str(default_model_path().parent / "examples" / "face_0.png"), "--directions", str(path),
+                 "--direction", "mouth:0", "--strength", "0.1", "--steps", "4", "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code != 0 and "another model" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_samples_have_the_right_shape(model):
     from localdiff.sampling import generate, make_schedule
 

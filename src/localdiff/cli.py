@@ -233,8 +233,9 @@ def _discovery_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--joint-rank", type=_joint_rank, default=d.joint_rank, metavar="R",
                    help="jive: joint rank, auto (AJIVE's bounds) or permutation (Lock et al.'s test and "
                         "alternation) (default: auto)")
-    g.add_argument("--individual-rank", type=_rank_or_auto_positive, default=d.individual_rank, metavar="R",
-                   help=f"local directions per region, or auto (jive: AJIVE's rule) (default: {d.individual_rank})")
+    g.add_argument("--individual-rank", type=_rank_or_auto_positive, default=_FOLLOW_K, metavar="R",
+                   help=f"local directions per region, or auto (jive: AJIVE's rule) (default: {d.individual_rank}, "
+                        f"at most k)")
     g.add_argument("--rest-block", action="store_true",
                    help="jive: add the rest of the image as a block, so that global modes have a block to be "
                         "joint with")
@@ -251,9 +252,15 @@ def _discovery_options(p: argparse.ArgumentParser) -> None:
                         "runs out of GPU memory, see docs/gpu.md)")
 
 
+_FOLLOW_K = object()  # --individual-rank not given: the default rank, at most --k
+
+
 def _discovery_config(args) -> DiscoveryConfig:
+    rank = args.individual_rank
+    if rank is _FOLLOW_K:
+        rank = min(DiscoveryConfig.individual_rank, args.k)
     return DiscoveryConfig(method=args.method, timestep=args.timestep, k=args.k, oversample=args.oversample,
-                           joint_rank=args.joint_rank, individual_rank=args.individual_rank,
+                           joint_rank=args.joint_rank, individual_rank=rank,
                            rest_block=args.rest_block, track=args.track, seed=args.seed, max_iter=args.max_iter,
                            tol_deg=args.tol_deg, chunk_size=args.chunk_size)
 

@@ -86,6 +86,9 @@ class DiscoveryConfig:
         unknown = [k for k in changes if k not in self.names()]
         if unknown:
             raise LocalDiffError(f"unknown discovery setting {unknown[0]!r}; the settings are {', '.join(self.names())}")
+        if "k" in changes and "individual_rank" not in changes and isinstance(self.individual_rank, int):
+            # a smaller k without a rank of its own: keep at most k local directions rather than refuse
+            changes["individual_rank"] = max(1, min(self.individual_rank, int(changes["k"])))
         return dataclasses.replace(self, **changes)
 
     def changes(self) -> dict:
@@ -110,7 +113,8 @@ class DiscoveryConfig:
             raise LocalDiffError(f"oversample must be in 0..{h_dim - self.k} (k + oversample at most h-space's {h_dim} "
                                  f"dimensions), got {self.oversample}")
         if self.individual_rank is not None and not 1 <= self.individual_rank <= self.k:
-            raise LocalDiffError(f"individual rank must be in 1..k={self.k}, got {self.individual_rank}")
+            raise LocalDiffError(f"individual rank must be in 1..k={self.k}, got {self.individual_rank}; lower the "
+                                 f"individual rank (--individual-rank) or raise k (--k)")
         if isinstance(self.joint_rank, str):
             if self.joint_rank != "permutation":
                 raise LocalDiffError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation' (Lock et "
