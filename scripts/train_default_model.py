@@ -304,7 +304,12 @@ def main(argv=None) -> None:
     if args.export_only:
         if args.export is None:
             raise SystemExit("--export-only needs --export DIR")
-        export(ema, args.export, dict(steps=step, minutes=round(elapsed_before / 60, 1), note="exported checkpoint"))
+        export(ema, args.export, dict(steps=step, images_seen=step * args.batch_size, arch=args.arch,
+                                      batch_size=args.batch_size, loss=args.loss, snr_gamma=args.snr_gamma, lr=args.lr,
+                                      warmup=args.warmup, decay_start=args.decay_start, decay_steps=args.decay_steps,
+                                      min_lr=args.min_lr, ema_decay=args.ema_decay, seed=args.seed,
+                                      precision=args.precision, wall_minutes=round(elapsed_before / 60, 1),
+                                      torch=torch.__version__, note="EMA weights of the last checkpoint"))
         print(f"exported step {step} to {args.export}")
         return
     gan = FaceGAN(device)
