@@ -37,7 +37,7 @@ def test_documented_config_and_fingerprint(model):
 def test_directions_made_with_the_v0_model_are_refused(model, tmp_path, capsys):
     """``tests/data/v0_mouth.safetensors`` was discovered with the first default model (v0, fingerprint
     f0634a463ae46b92; ``localdiff discover face_0.png --mask mouth --method masked --k 1``). The shipped model is
-    another one, so the library and the CLI refuse the file with the foreign-model message."""
+    another one, so the library and the CLI refuse the file with the foreign-model messages."""
     from pathlib import Path
 
     from localdiff import LocalEditor
@@ -54,7 +54,8 @@ def test_directions_made_with_the_v0_model_are_refused(model, tmp_path, capsys):
     code = main(["edit", str(default_model_path().parent / "examples" / "face_0.png"), "--directions", str(path),
                  "--direction", "mouth:0", "--strength", "0.1", "--steps", "4", "--out", str(out), "-q"])
     err = capsys.readouterr().err
-    assert code != 0 and "another model" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "f0634a463ae46b92" in err and "not with this one" in err and "--allow-foreign-model" in err
 
 
 def test_samples_have_the_right_shape(model):
@@ -77,8 +78,9 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 def test_reference_direction_moves_the_region_towards_the_reference(model):
     """On the default model, the direction from face_0 towards face_2's mouth brings face_0's mouth closer to
-    face_2's while changing the outside far less than the inside (measured at 10 steps, k = 3: mean inside distance
-    0.344 -> 0.237 at twice the natural strength; outside change 0.020 against 0.128 inside)."""
+    face_2's while changing the outside (per pixel) less than the inside. Measured at 10 steps, k = 3, at twice the
+    natural strength: on v2 mean inside distance 0.236 -> 0.189, outside change 0.042 against 0.085 inside (on v0 it
+    was 0.344 -> 0.237 and 0.020 against 0.128: v2's edits leak more, see docs/defaults.md)."""
     from localdiff import LocalEditor
     from localdiff.demo import example_faces
     from localdiff.masks import load_mask, template_path
@@ -96,4 +98,4 @@ def test_reference_direction_moves_the_region_towards_the_reference(model):
 
     before, after = mean_abs(rec_src, rec_ref, m), mean_abs(edited, rec_ref, m)
     assert after < 0.85 * before, (before, after)
-    assert mean_abs(edited, rec_src, ~m) < 0.25 * mean_abs(edited, rec_src, m)
+    assert mean_abs(edited, rec_src, ~m) < 0.6 * mean_abs(edited, rec_src, m)

@@ -4,11 +4,17 @@ Bad input: exit status 2, exactly one stderr line ``localdiff: error: ...``, no 
 no temporary file left behind. Legitimate but unusual input (EXIF orientation, soft masks, transparency,
 palettes, animated GIFs): exit 0, the output written, and a one-line note of what was done.
 
-All cases share one tiny model and run as parallel subprocesses (each pays only its own imports).
+All cases share one tiny model. The cases that depend on the process (environment variables read at import,
+Python warnings, the bare ``python -m localdiff``) and the unusual-input cases run as parallel subprocesses; the
+other bad-input cases call :func:`localdiff.cli.main` in this process, each in its own empty working folder with
+stderr captured, because 60 subprocesses spent 3 minutes of the suite importing torch. ``SUBPROCESS_ALSO`` runs a
+few of those through the real command line too, so the two paths stay the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -216,18 +222,42 @@ def _run(argv, extra_env, cwd: Path):
     return res.returncode, res.stderr
 
 
+# bad-input cases that also run through ``python -m localdiff`` (the others with an environment always do)
+SUBPROCESS_ALSO = ("no command", "steps 0", "image missing", "directions are a pickle", "output in /proc",
+                   "directions of another model")
+
+
+def _run_here(argv, cwd: Path):
+    """``main(argv)`` in this process, in ``cwd``, with stderr captured: (exit status, stderr)."""
+    err = io.StringIO()
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+    finally:
+        os.chdir(before)
+    return code, err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def results(world, tmp_path_factory):
-    """Run every case once, several at a time; each in its own empty working folder."""
-    jobs = {}
+    """Run every case once, each in its own empty working folder: subprocesses several at a time, the rest here."""
+    here, sub = {}, {}
     for name, (build, env) in BAD.items():
-        jobs[("bad", name)] = (build(world), env)
+        (sub if env else here)[("bad", name)] = (build(world), env)
+        if name in SUBPROCESS_ALSO:
+            sub[("bad (subprocess)", name)] = (build(world), env)
     for name, (build, _) in UNUSUAL.items():
-        jobs[("unusual", name)] = (build(world), {})
-    cwds = {key: tmp_path_factory.mktemp("case") for key in jobs}
+        sub[("unusual", name)] = (build(world), {})
+    cwds = {key: tmp_path_factory.mktemp("case") for key in [*here, *sub]}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {key: pool.submit(_run, argv, env, cwds[key]) for key, (argv, env) in jobs.items()}
-        out = {key: f.result() for key, f in futures.items()}
+        futures = {key: pool.submit(_run, argv, env, cwds[key]) for key, (argv, env) in sub.items()}
+        out = {key: _run_here(argv, cwds[key]) for key, (argv, _) in here.items()}
+        out.update({key: f.result() for key, f in futures.items()})
     return {key: (code, err, cwds[key]) for key, (code, err) in out.items()}
 
 
@@ -235,11 +265,11 @@ def test_the_matrix_is_large_enough():
     assert len(BAD) + len(UNUSUAL) >= 40
 
 
-@pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_one_line_exit_2_nothing_written(name, results, world):
+@pytest.mark.parametrize("kind, name", [("bad", n) for n in BAD] + [("bad (subprocess)", n) for n in SUBPROCESS_ALSO])
+def test_bad_input_one_line_exit_2_nothing_written(kind, name, results, world):
     if name == "device cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code, err, cwd = results[("bad", name)]
+    code, err, cwd = results[(kind, name)]
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, (name, err)
     assert "Traceback" not in err, (name, err)
