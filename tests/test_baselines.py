@@ -266,3 +266,35 @@ def test_saved_method_directions_keep_their_per_step_vectors(tmp_path):
     d = back["jive:track=true"].direction("eyes")
     assert torch.equal(d.vector_at(5), tracked.per_step["eyes"][2, 0])
     assert load_method_directions(tmp_path / "p.safetensors", "f1") is None
+
+
+def test_a_tracked_method_is_not_scored_as_the_untracked_one():
+    """The evaluation reuses the scores of a method that found exactly the same edits. A tracked method's
+    discovery-step vectors can equal the untracked method's while its per-step vectors (what is applied) differ;
+    reusing them made ``ratio:track=true`` copy ``ratio``'s rows, and saving the shared panel tensor crashed the
+    32-face run. The key must tell them apart, and equal edits must still share it."""
+    from dataclasses import replace
+
+    from localdiff.evaluation import _edits_key
+
+    v = torch.linalg.qr(torch.randn(12, 2))[0].T
+    plain = baselines.MethodDirections("ratio", "h", {"eyes": v}, 0.7, 3.0, "f" * 16)
+    again = replace(plain, method="jive", vectors={"eyes": v.clone()})
+    tracked = replace(plain, method="ratio:track=true", per_step={"eyes": torch.randn(4, 2, 12)},
+                      steps=[0, 1, 2, 3], num_steps=4)
+    assert _edits_key(plain, ["eyes"]) == _edits_key(again, ["eyes"])
+    assert _edits_key(tracked, ["eyes"]) != _edits_key(plain, ["eyes"])
+    retracked = replace(tracked, per_step={"eyes": tracked.per_step["eyes"].clone()})
+    assert _edits_key(tracked, ["eyes"]) == _edits_key(retracked, ["eyes"])
+
+
+def test_progress_saves_a_panel_whose_methods_share_one_tensor(tmp_path):
+    """Two methods with the same edits share one rendered tensor in the panel; safetensors refuses shared
+    storage, which ended the 32-face run after its first face."""
+    from localdiff.evaluation import Progress
+
+    out = torch.rand(3, 3, 8, 8)
+    progress = Progress(tmp_path / "p", key={"k": 1})
+    progress.save_face("face0", [{"x": 1}], {"masked": 1.0}, {}, panel={"masked": out, "jive": out})
+    _, _, _, panel = progress.load(["face0"])
+    assert set(panel) == {"masked", "jive"} and torch.equal(panel["jive"], out)

@@ -235,7 +235,8 @@ class Progress:
                 Path(tmp).write_text(json.dumps(dict(key=self.key), indent=1) + "\n")
         if panel:
             with atomic_write(self.folder / "panel.safetensors") as tmp:
-                save_file({m: t.contiguous().cpu() for m, t in panel.items()}, str(tmp))
+                # clone: methods that found the same directions share one rendered tensor
+                save_file({m: t.detach().cpu().clone().contiguous() for m, t in panel.items()}, str(tmp))
         with atomic_write(self.folder / "previous.safetensors") as tmp:
             save_method_directions(directions, face, tmp)
         with open(self.folder / "rows.jsonl", "a") as f:
@@ -363,11 +364,16 @@ def run_evaluation(editor, faces: Sequence[tuple[str, Tensor]], masks: Mapping[s
 
 
 def _edits_key(md, regions: Sequence[str]) -> tuple:
-    """What decides an edit's renders: space, timestep, unit and each region's first direction, bit for bit."""
+    """What decides an edit's renders: space, timestep, unit and each region's first direction, bit for bit, with
+    its per-step vectors when it was tracked (a tracked method's discovery-step directions can equal an untracked
+    method's while its edits differ)."""
     from localdiff.images import tensor_hash
 
+    per_step = md.per_step or {}
     return (md.space, md.timestep, md.unit,
-            tuple(tensor_hash(md.vectors[r][0].float().cpu()) for r in regions if r in md.vectors))
+            tuple(tensor_hash(md.vectors[r][0].float().cpu()) for r in regions if r in md.vectors),
+            tuple((tuple(md.steps or ()), tensor_hash(per_step[r][:, 0].float().cpu()))
+                  for r in regions if r in per_step))
 
 
 def progress_key(settings: EvalSettings, model, num_steps: int, masks: Mapping[str, Tensor]) -> dict:
