@@ -180,13 +180,10 @@ def save_compact(path: Path, unet, ema, step: int, elapsed: float, arch: str, ar
         tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(path / f"{name}.safetensors.tmp"))
         (path / f"{name}.safetensors.tmp").replace(path / f"{name}.safetensors")
-    state = dict(step=step, elapsed_s=round(elapsed, 1), arch=arch, batch_size=args.batch_size, lr=args.lr,
-                 loss=args.loss, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay, seed=args.seed,
-                 precision=args.precision, torch=torch.__version__)
+    state = dict(step=step, elapsed_s=round(elapsed, 1), **recipe(args, arch))
     if args.decay_start is not None:
-        state.update(decay_start=args.decay_start, decay_steps=args.decay_steps, min_lr=args.min_lr,
-                     lr_now=learning_rate(step, args.lr, decay_start=args.decay_start, decay_steps=args.decay_steps,
-                                          min_lr=args.min_lr, warmup=1))
+        state["lr_now"] = learning_rate(step, args.lr, decay_start=args.decay_start, decay_steps=args.decay_steps,
+                                        min_lr=args.min_lr, warmup=1)
     (path / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -263,6 +260,16 @@ def export(ema, path: Path, info: dict) -> None:
     (path / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def recipe(args, arch: str | None = None) -> dict:
+    """The run's training settings, as recorded in ``state.json`` and the exported ``training.json``."""
+    out = dict(arch=arch or args.arch, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, loss=args.loss,
+               snr_gamma=args.snr_gamma, ema_decay=args.ema_decay, seed=args.seed, precision=args.precision,
+               torch=torch.__version__)
+    if args.decay_start is not None:
+        out.update(decay_start=args.decay_start, decay_steps=args.decay_steps, min_lr=args.min_lr)
+    return out
+
+
 def learning_rate(step: int, lr: float, *, warm_from: int = 0, warmup: int = 200, decay_start: int | None = None,
                   decay_steps: int = 1000, min_lr: float = 1e-4) -> float:
     """The learning rate of optimiser step ``step`` (0-based): linear warm-up from ``warm_from``, then constant,
@@ -304,12 +311,9 @@ def main(argv=None) -> None:
     if args.export_only:
         if args.export is None:
             raise SystemExit("--export-only needs --export DIR")
-        export(ema, args.export, dict(steps=step, images_seen=step * args.batch_size, arch=args.arch,
-                                      batch_size=args.batch_size, loss=args.loss, snr_gamma=args.snr_gamma, lr=args.lr,
-                                      warmup=args.warmup, decay_start=args.decay_start, decay_steps=args.decay_steps,
-                                      min_lr=args.min_lr, ema_decay=args.ema_decay, seed=args.seed,
-                                      precision=args.precision, wall_minutes=round(elapsed_before / 60, 1),
-                                      torch=torch.__version__, note="EMA weights of the last checkpoint"))
+        export(ema, args.export, dict(steps=step, images_seen=step * args.batch_size, **recipe(args),
+                                      wall_minutes=round(elapsed_before / 60, 1),
+                                      note="EMA weights of the last checkpoint"))
         print(f"exported step {step} to {args.export}")
         return
     gan = FaceGAN(device)
@@ -386,12 +390,9 @@ def main(argv=None) -> None:
     sample_grid(ema, SCHEDULER_CONFIG, work / f"samples_{step:06d}.png")
     print(f"step {step}, {elapsed / 60:.1f} min, smoothed loss {running}")
     if args.export is not None:
-        info = dict(steps=step, arch=args.arch, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                    snr_gamma=args.snr_gamma, precision=args.precision, ema_decay=args.ema_decay, seed=args.seed,
-                    images_seen=step * args.batch_size,
+        info = dict(steps=step, images_seen=step * args.batch_size, **recipe(args),
                     device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                    minutes=round(elapsed / 60, 1), final_smoothed_loss=running,
-                    torch=torch.__version__)
+                    minutes=round(elapsed / 60, 1), final_smoothed_loss=running)
         export(ema, args.export, info)
         print(f"exported to {args.export}")
 

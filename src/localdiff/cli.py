@@ -252,17 +252,15 @@ def _discovery_options(p: argparse.ArgumentParser) -> None:
                         "runs out of GPU memory, see docs/gpu.md)")
 
 
-_FOLLOW_K = object()  # --individual-rank not given: the default rank, at most --k
+_FOLLOW_K = object()  # --individual-rank not given: DiscoveryConfig.replace keeps the default rank, at most --k
 
 
 def _discovery_config(args) -> DiscoveryConfig:
-    rank = args.individual_rank
-    if rank is _FOLLOW_K:
-        rank = min(DiscoveryConfig.individual_rank, args.k)
-    return DiscoveryConfig(method=args.method, timestep=args.timestep, k=args.k, oversample=args.oversample,
-                           joint_rank=args.joint_rank, individual_rank=rank,
-                           rest_block=args.rest_block, track=args.track, seed=args.seed, max_iter=args.max_iter,
-                           tol_deg=args.tol_deg, chunk_size=args.chunk_size)
+    rank = {} if args.individual_rank is _FOLLOW_K else dict(individual_rank=args.individual_rank)
+    return DiscoveryConfig().replace(method=args.method, timestep=args.timestep, k=args.k, oversample=args.oversample,
+                                     joint_rank=args.joint_rank, rest_block=args.rest_block, track=args.track,
+                                     seed=args.seed, max_iter=args.max_iter, tol_deg=args.tol_deg,
+                                     chunk_size=args.chunk_size, **rank)
 
 
 def _batch_options(p: argparse.ArgumentParser, command: str) -> None:
