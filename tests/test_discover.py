@@ -40,7 +40,7 @@ def test_structure_of_directions(discovered):
 
 
 def test_forced_joint_part_is_orthogonal_to_the_local_directions(editor):
-    dirs = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank=1)
+    dirs = editor.discover(texture(), REGIONS, method="jive", k=4, individual_rank=2, timestep=0.5, joint_rank=1)
     assert dirs.joint.shape == (1, 64 * 8 * 8)
     assert dirs.meta["joint_rank"] == 1
     for r in dirs.regions:
@@ -51,7 +51,8 @@ def test_permutation_rule_runs_locks_jive(editor):
     """joint_rank="permutation": Lock et al.'s test and alternation; the test's numbers are in meta, the rank is
     the count of observed singular values above their thresholds, the local directions are orthogonal to the joint
     ones; a misspelt rule is refused."""
-    dirs = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank="permutation")
+    dirs = editor.discover(texture(), REGIONS, method="jive", k=4, individual_rank=2, timestep=0.5,
+                           joint_rank="permutation")
     test = dirs.meta["joint_rank_test"]
     assert dirs.meta["joint_rank_rule"] == "permutation"
     above = [o > t for o, t in zip(test["observed"], test["thresholds"])] + [False]
@@ -60,7 +61,7 @@ def test_permutation_rule_runs_locks_jive(editor):
         assert dirs.individual[r].shape[0] == 2
         assert (dirs.individual[r] @ dirs.joint.T).abs().max() < 1e-5
     with pytest.raises(LocalDiffError, match="permutation"):
-        editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank="perm")
+        editor.discover(texture(), REGIONS, method="jive", k=4, individual_rank=2, timestep=0.5, joint_rank="perm")
 
 
 def test_discovery_is_deterministic_for_a_seed(editor):
@@ -77,6 +78,28 @@ def test_discovery_is_deterministic_for_a_seed(editor):
     a, b, c = fresh(0), fresh(0), fresh(1)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_clear_cache_makes_the_next_discovery_start_cold(editor, monkeypatch):
+    """After clear_cache the subspace iteration runs again (the cache would answer without it), and with
+    inversions=True the inversion is redone too."""
+    import localdiff.editor as editor_module
+    from localdiff import LocalEditor
+
+    e = LocalEditor(editor.model, num_inference_steps=editor.num_inference_steps)
+    masks = {"mouth": REGIONS["mouth"], "side": REGIONS["side"]}
+    e.discover(texture(), masks, method="masked", k=2, individual_rank=1, max_iter=2)
+    calls = []
+    solve = editor_module.subspace_iteration
+    monkeypatch.setattr(editor_module, "subspace_iteration", lambda *a, **kw: calls.append(1) or solve(*a, **kw))
+    e.discover(texture(), masks, method="masked", k=2, individual_rank=1, max_iter=2)
+    assert calls == []  # cached
+    inversion = e.invert(texture())
+    e.clear_cache(inversions=False)
+    e.discover(texture(), masks, method="masked", k=2, individual_rank=1, max_iter=2)
+    assert calls == [1] and e.invert(texture()) is inversion
+    e.clear_cache()
+    assert e.invert(texture()) is not inversion
 
 
 def test_save_load_round_trip(discovered, tmp_path):
@@ -157,6 +180,10 @@ def test_discover_validates_input(editor):
         editor.discover(texture(), {"a": REGIONS["mouth"]}, timestep=1.5)
     with pytest.raises(LocalDiffError, match="individual rank"):
         editor.discover(texture(), {"a": REGIONS["mouth"]}, k=2, individual_rank=3)
+    # JIVE's own settings given to another method would be silently ignored: refused, saying how to fix it
+    for method, jive_only in (("ratio", dict(joint_rank=1)), ("masked", dict(rest_block=True))):
+        with pytest.raises(LocalDiffError, match=f"setting of the jive method, not of {method}; add method='jive'"):
+            editor.discover(texture(), {"a": REGIONS["mouth"]}, method=method, **jive_only)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -211,8 +238,9 @@ def test_every_method_gives_local_orthonormal_directions_and_records_eps_localit
 def test_rest_block_joins_the_split(editor, discovered):
     """The rest of the image as an extra block: a forced joint direction then has to be shared with it too, which
     changes what is removed; the regions' directions stay orthogonal to it."""
-    plain = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank=1)
-    rest = editor.discover(texture(), REGIONS, k=4, individual_rank=2, timestep=0.5, joint_rank=1, rest_block=True)
+    plain = editor.discover(texture(), REGIONS, method="jive", k=4, individual_rank=2, timestep=0.5, joint_rank=1)
+    rest = editor.discover(texture(), REGIONS, method="jive", k=4, individual_rank=2, timestep=0.5, joint_rank=1,
+                           rest_block=True)
     assert rest.meta["rest_block"] is True and rest.regions == plain.regions
     from localdiff.jacobian import largest_principal_angle
 
@@ -221,7 +249,7 @@ def test_rest_block_joins_the_split(editor, discovered):
         assert (rest.individual[r] @ rest.joint.T).abs().max() < 1e-5
     everything = {"all": torch.ones(32, 32, dtype=torch.bool)}
     with pytest.raises(LocalDiffError, match="whole image"):
-        editor.discover(texture(), everything, k=2, individual_rank=1, rest_block=True)
+        editor.discover(texture(), everything, method="jive", k=2, individual_rank=1, rest_block=True)
 
 
 def test_tracked_directions_follow_the_steps_and_are_applied_per_step(editor, tmp_path):

@@ -73,6 +73,7 @@ def test_remaining_angle_of_a_geometric_sequence():
     moves = [a - b for a, b in zip(theta, theta[1:])]
     assert remaining_angle(moves[5], moves[4]) == pytest.approx(theta[6], rel=1e-9)
     assert remaining_angle(1.0, 1.0) == math.inf and remaining_angle(1.0, None) == math.inf
+    assert remaining_angle(40.0, 41.0) == 90.0  # 1,600 deg by the formula; no two subspaces are that far apart
 
 
 def test_stopping_test_bounds_the_true_error_on_a_flat_spectrum():

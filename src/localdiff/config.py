@@ -56,7 +56,7 @@ class DiscoveryConfig:
     (``DiscoveryConfig.fast()``), or derive one (``config.replace(timestep=600)``).
     """
 
-    method: str = "jive"
+    method: str = "ratio"  # measured: the most local edits on the 32-face evaluation (docs/defaults.md)
     timestep: int | float = 0.7  # measured: best locality on 16 evaluation faces (docs/defaults.md)
     k: int = 6  # singular vectors per region
     oversample: int = 3  # extra vectors carried by the subspace iteration
@@ -115,6 +115,10 @@ class DiscoveryConfig:
         if self.individual_rank is not None and not 1 <= self.individual_rank <= self.k:
             raise LocalDiffError(f"individual rank must be in 1..k={self.k}, got {self.individual_rank}; lower the "
                                  f"individual rank (--individual-rank) or raise k (--k)")
+        if self.method != "jive" and (self.joint_rank is not None or self.rest_block):
+            setting = "joint rank" if self.joint_rank is not None else "rest block"
+            raise LocalDiffError(f"the {setting} is a setting of the jive method, not of {self.method}; add "
+                                 f"method='jive' (--method jive), or leave it out")
         if isinstance(self.joint_rank, str):
             if self.joint_rank != "permutation":
                 raise LocalDiffError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation' (Lock et "

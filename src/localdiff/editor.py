@@ -232,6 +232,13 @@ class LocalEditor:
             return image
         return load_image(image, self.model.resolution, name=name)
 
+    def clear_cache(self, *, inversions: bool = True) -> None:
+        """Forget the cached Jacobian subspaces and, with ``inversions``, the cached inversions (to free memory, or
+        to time a discovery from a cold start)."""
+        self._subspaces.clear()
+        if inversions:
+            self._cache.clear()
+
     def invert(self, image: ImageLike, *, num_inference_steps: int | None = None,
                num_steps: int | None = None) -> Inversion:
         """DDIM-invert ``image`` and regenerate it unedited (cached per image and step count)."""

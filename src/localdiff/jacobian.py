@@ -85,11 +85,11 @@ def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
 def remaining_angle(move: float, previous_move: float | None) -> float:
     """Estimated angle (degrees) still to go for a geometrically converging iteration whose last two moves were
     ``previous_move`` and ``move``: ``move * rho / (1 - rho)`` with ``rho = move / previous_move``; ``inf`` when
-    the moves do not shrink (no estimate)."""
+    the moves do not shrink (no estimate). At most 90 degrees, the largest angle between subspaces."""
     if previous_move is None or not move < previous_move:
         return math.inf
     rho = move / previous_move
-    return move * rho / (1.0 - rho)
+    return min(90.0, move * rho / (1.0 - rho))
 
 
 def fix_signs(v: Tensor) -> Tensor:

@@ -17,9 +17,11 @@ from localdiff.sampling import ddim_sample, initial_noise, make_schedule
 
 def _discovered(method: str):
     def run(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], **settings) -> MethodDirections:
-        """``settings``: :class:`DiscoveryConfig` fields (others, meant for other methods, are ignored)."""
+        """``settings``: :class:`DiscoveryConfig` fields (others, and JIVE's own for the other methods, are
+        ignored, so that one evaluation can give ``joint_rank`` to all)."""
+        skip = {"method"} | ({"joint_rank", "rest_block"} if method != "jive" else set())
         cfg = DiscoveryConfig(method=method).replace(
-            **{key: value for key, value in settings.items() if key in DiscoveryConfig.names() and key != "method"})
+            **{key: value for key, value in settings.items() if key in DiscoveryConfig.names() and key not in skip})
         dirs = editor.discover(image, masks, cfg)
         timestep = dirs.meta["timestep_fraction"]
         info = {key: dirs.meta[key] for key in ("joint_rank", "null_rank", "eps_locality") if key in dirs.meta}
