@@ -128,6 +128,8 @@ def test_upload_discover_slide(server, browser, shots, tmp_path):
     original = element_pixels(page, "#original img")
     before = element_pixels(page, "#edited img")
     assert np.abs(before - original).mean() < 20  # at strength 0 the edit is the reconstruction
+    status = page.get_by_text("local directions").first.inner_text()
+    assert "with ratio" in status and "JIVE joint rank" not in status  # the default method, no JIVE-only line
     drag_slider(page, "#dir0", 0.95)
     after = wait_for_change(page, "#edited img", before)
     assert np.abs(after - before).mean() > 1.0, "the edited image did not change after moving the slider"

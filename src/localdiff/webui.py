@@ -404,10 +404,10 @@ def build_app(editor: LocalEditor):
                 editor.progress = False
             meta = session.directions.meta
             its, eps = meta.get("iterations", {}), meta.get("eps_locality", {})
+            joint = f"; JIVE joint rank {meta['joint_rank']}" if meta["method"] == "jive" else ""
             msg = (f"found {len(names)} local directions ({', '.join(names)}) with {meta['method']}; subspace "
-                   f"iterations {', '.join(f'{r} {n}' for r, n in its.items())}; JIVE joint rank "
-                   f"{meta['joint_rank']}; eps-level locality of the first direction "
-                   f"{', '.join(f'{r} {v[0]:.2f}' for r, v in eps.items())}. Move a slider to edit.")
+                   f"iterations {', '.join(f'{r} {n}' for r, n in its.items())}{joint}; eps-level locality of the "
+                   f"first direction {', '.join(f'{r} {v[0]:.2f}' for r, v in eps.items())}. Move a slider to edit.")
             return found(session, names, msg)
 
         def found(session, names, msg):
