@@ -37,6 +37,8 @@ from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, loca
                                 project_out, subspace_iteration)
 from localdiff.jive import ajive, jive
 from localdiff.model import DiffusionModel, load_model
+from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, fit_coefficients, orthonormal_basis,
+                                 reference_target)
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
 log = logging.getLogger("localdiff")
@@ -450,6 +452,9 @@ class LocalEditor:
         masks: Mapping[str, ImageLike],
         config: DiscoveryConfig | None = None,
         *,
+        fit: str = "measured",
+        outside_weight: float = OUTSIDE_WEIGHT,
+        fit_iterations: int = FIT_ITERATIONS,
         generator: torch.Generator | None = None,
         reference_name: str | None = None,
         **settings,
@@ -457,55 +462,82 @@ class LocalEditor:
         """One direction per region that moves ``image``'s region towards ``reference``'s ("make this mouth like
         that one"; the IJCV extension's reference-guided edit).
 
-        Both images are inverted; at ``timestep`` the difference of their h, h_ref - h_src, is projected onto the
-        region's local subspace (the top-``k`` right singular vectors of d(m * eps)/dh on ``image``, what
-        ``discover(method="masked")`` computes), which keeps the part of the difference that acts on the region.
-        The direction is that projection, normalised; ``meta["reference_strength"][region]`` is the strength at
-        which an edit adds the whole projected difference (|P (h_ref - h_src)| / |h_src|). Like any direction it
-        can be saved, composed and applied to other images. Of ``config`` (and the keyword ``settings``) it uses
-        the subspace settings: ``timestep``, ``k``, ``oversample``, ``seed``, ``max_iter``, ``tol_deg``,
-        ``chunk_size``.
+        Both images are inverted. ``fit="measured"`` (the default) searches the region's local directions (those
+        :meth:`discover` finds with ``config``, and the top-``k`` right singular vectors of d(m * eps)/dh) for the
+        edit whose regeneration brings the region closest to the reference's reconstruction while keeping the
+        rest of the image, each outside pixel weighted ``outside_weight`` against an inside one
+        (:mod:`localdiff.reference`): ``fit_iterations`` Gauss-Newton iterations, each one batched render of
+        (basis size + 1) images with the editor's ``num_inference_steps`` and the default edit options.
+        ``fit="projected"`` is the paper's cheap version: the h difference h_ref - h_src at ``timestep``
+        projected onto the region's top-``k`` subspace (on the embedded model it barely moves the region
+        towards the reference, docs/automatic_regions.md).
+
+        The direction is the unit vector of the edit; ``meta["reference_strength"][region]`` is the strength at
+        which it makes the fitted edit (the whole projected difference for ``projected``). Like any direction it
+        can be saved, composed and applied to other images. ``config`` (and the keyword ``settings``) are the
+        discovery settings of the basis (``method``, ``timestep``, ``k``, ...).
         """
+        if fit not in FIT_METHODS:
+            raise LocalDiffError(f"unknown reference fit {fit!r}; choose one of {', '.join(FIT_METHODS)}")
         cfg = _config(config, settings, generator)
-        # one direction per region: the method's counts (individual_rank, joint_rank) do not apply
-        timestep = cfg.replace(individual_rank=None, joint_rank=None).check(
-            math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
-        k, oversample, seed = cfg.k, cfg.oversample, cfg.seed
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
         if torch.equal(x_src, x_ref):
             raise LocalDiffError("the reference is the image itself; give another image to move the region towards")
         src, ref = self.invert(x_src), self.invert(x_ref)
         names = list(region_masks)
-        res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep, k=k,
-                                               oversample=oversample, seed=seed, max_iter=cfg.max_iter,
-                                               tol_deg=cfg.tol_deg, chunk_size=cfg.chunk_size)
+        if fit == "measured":
+            # the basis: the method's local directions of every region, then each region's masked subspace
+            found = self.discover(x_src, region_masks, cfg.replace(track=False))
+            timestep = float(found.meta["timestep_fraction"])
+        else:
+            timestep = cfg.replace(individual_rank=None, joint_rank=None).check(
+                math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
+        res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep,
+                                               k=cfg.k, oversample=cfg.oversample, seed=cfg.seed,
+                                               max_iter=cfg.max_iter, tol_deg=cfg.tol_deg, chunk_size=cfg.chunk_size)
         work = linalg_dtype(self.model.dtype)
-        diff = (ref.hs[step] - src.hs[step]).flatten().to(work)
         unit = float(enc.h.norm())
-        chosen, moved, strength = [], [], {}
+        chosen, moved, strength, fitted = [], [], {}, {}
         for i, n in enumerate(names):
-            basis = res.vectors[i].to(work)
-            projected = basis.T @ (basis @ diff)
-            size = projected.norm()
-            if float(size) == 0.0:
-                raise LocalDiffError(f"the reference's h does not differ from the image's in region {n!r}'s subspace")
-            chosen.append((projected / size)[None])
-            moved.append(size[None])
-            strength[n] = float(size) / unit
+            subspace = res.vectors[i].to(work)
+            if fit == "projected":
+                diff = (ref.hs[step] - src.hs[step]).flatten().to(work)
+                v = subspace.T @ (subspace @ diff)
+                size = float(v.norm()) / unit
+            else:
+                basis = orthonormal_basis(torch.cat([found.individual[n].to(subspace), subspace]))
+                target, weights = reference_target(src.reconstruction[0], ref.reconstruction[0], region_masks[n],
+                                                   outside_weight)
+                coef, history = fit_coefficients(
+                    lambda rows, b=basis, r=n: self.render(x_src, [self._combination(r, b, row, unit, timestep)
+                                                                  for row in rows]),
+                    len(basis), target, weights, iterations=fit_iterations)
+                v = coef.to(basis) @ basis
+                size = float(v.norm())
+                fitted[n] = dict(basis_size=len(basis), objective=history)
+            if size == 0.0:
+                raise LocalDiffError(f"the reference's region {n!r} gives no edit: its h does not differ from the "
+                                     "image's in the region's subspace")
+            chosen.append((v / v.norm())[None])
+            moved.append(torch.tensor([size], dtype=work))
+            strength[n] = size
         _, jvp, _, out = self._decoder_at(src, step, cfg.chunk_size)
         flat_masks = list(pixel_masks([region_masks[n] for n in names], out.shape[1], out.double()))
         eps_loc, _ = _eps_locality(jvp, chosen, flat_masks, names, self.model)
         meta = dict(
             model_name=self.model.name, model_fingerprint=self.model.fingerprint, h_shape=list(enc.h.shape[1:]),
             h_norm=unit, timestep=int(src.schedule.timesteps[step]), timestep_fraction=float(timestep),
-            step_index=step, num_steps=len(src.schedule), method="reference", k=k, oversample=oversample,
-            joint_rank=0, individual_rank=1, seed=seed, iterations=dict(zip(names, res.iterations)),
+            step_index=step, num_steps=len(src.schedule), method="reference", reference_fit=fit,
+            basis_method=cfg.method if fit == "measured" else "masked", k=cfg.k, oversample=cfg.oversample,
+            joint_rank=0, individual_rank=1, seed=cfg.seed, iterations=dict(zip(names, res.iterations)),
             converged=dict(zip(names, res.converged)), eps_locality=eps_loc, reference_strength=strength,
             reference_image_hash=ref.image_hash, reference_name=reference_name,
             source_image_hash=src.image_hash, localdiff_version=_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        if fit == "measured":
+            meta.update(outside_weight=float(outside_weight), fit_iterations=int(fit_iterations), fit=fitted)
         return Directions(
             individual={n: v.cpu() for n, v in zip(names, chosen)},
             individual_sigma={n: m.cpu() for n, m in zip(names, moved)},
@@ -514,6 +546,16 @@ class LocalEditor:
             region_sigma={n: res.sigma[i].cpu() for i, n in enumerate(names)},
             meta=meta,
         )
+
+    def _combination(self, region: str, basis: Tensor, coefficients: Tensor, unit: float,
+                     timestep: float) -> list[Edit]:
+        """The edit ``coefficients @ basis`` as one (direction, strength) pair; no coefficients: no edit."""
+        v = coefficients.to(basis) @ basis
+        size = float(v.norm())
+        if size == 0.0:
+            return []
+        model = self.model
+        return [(Direction(region, 0, (v / size).to(model.dtype), 1.0, unit, model.fingerprint, timestep), size)]
 
     def region_subspaces(self, image: ImageLike, masks: Sequence[Tensor], *, timestep: float, k: int,
                          oversample: int = DiscoveryConfig.oversample, seed: int = DiscoveryConfig.seed,

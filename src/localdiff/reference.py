@@ -1,0 +1,104 @@
+"""Directions towards a reference image, fitted to the edits they make (pure functions).
+
+"Make this mouth like that one": among the region's local h-space directions (a basis ``B``, r rows), find the
+coefficients ``c`` whose edit, strength ``|c|`` along ``c @ B / |c|``, brings the region of the edited source
+image closest to the reference's while changing the rest of the image as little as possible:
+
+    minimise  sum_j  w_j (x(c)_j - target_j)^2,   target = m * reference + (1 - m) * source,
+                                                   w      = m + outside_weight * (1 - m),
+
+where ``x(c)`` is the source regenerated with the edit. The renders are the measurement: Gauss-Newton on ``c``
+with the image Jacobian dx/dc taken by finite differences, one batched render of r + 1 images an iteration.
+The h difference of the two images says little about how an edit moves the pixels (on the embedded model its
+projection onto the region's subspace moved nothing towards the reference, docs/automatic_regions.md); the
+fit asks the renders.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from localdiff.errors import LocalDiffError
+
+FIT_METHODS = ("measured", "projected")
+OUTSIDE_WEIGHT = 1.0  # weight of a pixel outside the region against one inside (measured: docs/automatic_regions.md)
+FIT_ITERATIONS = 3  # Gauss-Newton iterations (each one batched render of r + 1 images; measured: docs/automatic_regions.md)
+PROBE = 0.25  # finite-difference step, as a strength (a fraction of |h|)
+LINE_SEARCH = (1.0, 1.5, 2.0)  # multiples of the last Gauss-Newton step tried
+RIDGE = 1e-3  # Tikhonov damping, relative to the mean diagonal of the normal matrix
+
+
+def reference_target(source: Tensor, reference: Tensor, mask: Tensor, outside_weight: float = OUTSIDE_WEIGHT):
+    """The image the fit aims at and each pixel's weight: the reference inside ``mask`` (R, R), the source
+    outside, weighted 1 inside and ``outside_weight`` outside. ``source``, ``reference``: (C, R, R).
+    Returns ``(target, weights)``, both (C, R, R)."""
+    if source.shape != reference.shape:
+        raise LocalDiffError(f"the source is {tuple(source.shape)} and the reference {tuple(reference.shape)}; "
+                             "give images of the same size")
+    if outside_weight < 0:
+        raise LocalDiffError(f"outside_weight must be >= 0, got {outside_weight}")
+    m = mask.to(source.dtype).expand_as(source)
+    return m * reference + (1 - m) * source, m + outside_weight * (1 - m)
+
+
+def objective(images: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """Mean weighted squared distance of each of ``images`` (B, ...) to ``target``: (B,)."""
+    return (weights * (images - target) ** 2).flatten(1).mean(dim=1)
+
+
+def weighted_step(responses: Tensor, residual: Tensor, weights: Tensor, ridge: float = RIDGE) -> Tensor:
+    """The coefficients ``d`` (r,) minimising sum_j w_j (sum_i d_i responses_ij - residual_j)^2 + ridge * mean
+    diag(A) * |d|^2, where A = responses diag(w) responses^T: a damped weighted least-squares step.
+    ``responses`` (r, n), ``residual`` and ``weights`` (n,)."""
+    g = responses.double()
+    w = weights.double().flatten()
+    a = (g * w) @ g.T
+    b = (g * w) @ residual.double().flatten()
+    damp = ridge * float(a.diagonal().mean()) if len(a) else 0.0
+    return torch.linalg.solve(a + damp * torch.eye(len(a), dtype=a.dtype, device=a.device), b)
+
+
+def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tensor, weights: Tensor, *,
+                     iterations: int = FIT_ITERATIONS, probe: float = PROBE, ridge: float = RIDGE,
+                     line_search: tuple[float, ...] = LINE_SEARCH):
+    """Gauss-Newton for the coefficients of an edit: ``render`` maps coefficient rows (B, size) to images (B, ...)
+    (row 0 of the first call is all zeros: the unedited image). Each iteration renders the current coefficients
+    and ``probe`` along each basis vector in one batch, takes the finite-difference Jacobian and a damped
+    weighted least-squares step towards ``target``. The last step is tried at each multiple in ``line_search``
+    (one more batch: the renders respond less than linearly to long steps). The coefficients with the lowest
+    objective are returned, with the objective of each iteration's start and of the line search's best:
+    ``(coefficients (size,), objectives)``."""
+    if iterations < 1:
+        raise LocalDiffError(f"the fit needs at least one iteration, got {iterations}")
+    target, weights = target.double(), weights.double()
+    c = torch.zeros(size, dtype=torch.float64)
+    best, best_c, history = float("inf"), c, []
+    step = torch.zeros_like(c)
+    for _ in range(iterations):
+        rows = torch.cat([c[None], c[None] + probe * torch.eye(size, dtype=c.dtype)])
+        out = render(rows).double()
+        value = float(objective(out[:1], target, weights)[0])
+        history.append(value)
+        if value < best:
+            best, best_c = value, c
+        responses = (out[1:] - out[:1]).flatten(1) / probe
+        step = weighted_step(responses, (target - out[0]).flatten(), weights, ridge)
+        c = c + step
+    trials = torch.stack([c + (f - 1) * step for f in line_search])
+    values = objective(render(trials).double(), target, weights)
+    i = int(values.argmin())
+    history.append(float(values[i]))
+    if float(values[i]) < best:
+        best_c = trials[i]
+    return best_c, history
+
+
+def orthonormal_basis(vectors: Tensor, tol: float = 1e-6) -> Tensor:
+    """Orthonormal rows spanning ``vectors`` (m, d), in order, dropping rows (numerically) in the span of the
+    earlier ones: (r, d), r <= m."""
+    q, r = torch.linalg.qr(vectors.T.double())
+    keep = r.diagonal().abs() > tol * float(r.diagonal().abs().max())
+    return q.T[keep].to(vectors.dtype)

@@ -1,0 +1,95 @@
+"""The reference fit's math (localdiff.reference) against brute-force least squares on small problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localdiff.errors import LocalDiffError
+from localdiff.reference import (fit_coefficients, objective, orthonormal_basis, reference_target,
+                                 weighted_step)
+
+
+def weighted_problem(r=4, n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    responses = torch.randn(r, n, generator=g, dtype=torch.float64)
+    residual = torch.randn(n, generator=g, dtype=torch.float64)
+    weights = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    return responses, residual, weights
+
+
+def test_weighted_step_is_the_weighted_least_squares_solution():
+    responses, residual, weights = weighted_problem()
+    ridge = 0.05
+    damp = ridge * float(((responses * weights) @ responses.T).diagonal().mean())
+    # brute force: the stacked system [sqrt(w) G^T; sqrt(damp) I] d = [sqrt(w) y; 0]
+    a = torch.cat([weights.sqrt()[:, None] * responses.T, damp ** 0.5 * torch.eye(len(responses), dtype=torch.float64)])
+    b = torch.cat([weights.sqrt() * residual, torch.zeros(len(responses), dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b[:, None]).solution[:, 0]
+    torch.testing.assert_close(weighted_step(responses, residual, weights, ridge), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_weighted_step_ignores_zero_weight_pixels():
+    responses, residual, weights = weighted_problem()
+    weights[::2] = 0
+    moved = residual.clone()
+    moved[::2] += 100.0  # what the zero-weight pixels want must not matter
+    torch.testing.assert_close(weighted_step(responses, moved, weights, 0.0), weighted_step(responses, residual, weights, 0.0))
+
+
+def test_fit_on_a_linear_render_reaches_the_optimum_in_one_iteration():
+    g = torch.Generator().manual_seed(1)
+    r, n = 3, 40
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    gain = torch.randn(r, n, generator=g, dtype=torch.float64)
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+    weights = torch.ones(n, dtype=torch.float64)
+    calls = []
+
+    def render(rows):
+        calls.append(len(rows))
+        return base + rows @ gain
+
+    c, history = fit_coefficients(render, r, target, weights, iterations=1, ridge=0.0, line_search=(1.0,))
+    expected = torch.linalg.lstsq(gain.T, (target - base)[:, None]).solution[:, 0]
+    torch.testing.assert_close(c, expected, rtol=1e-8, atol=1e-10)
+    assert calls == [r + 1, 1]  # one batch of probes, one of the line search
+    assert history[-1] < history[0]
+
+
+def test_fit_lowers_the_objective_of_a_saturating_render():
+    g = torch.Generator().manual_seed(2)
+    r, n = 4, 60
+    gain = torch.randn(r, n, generator=g, dtype=torch.float64)
+    target = 0.8 * torch.tanh(torch.randn(r, generator=g, dtype=torch.float64) @ gain)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+
+    def render(rows):  # responds less than linearly to long steps, like the regenerations
+        return torch.tanh(rows @ gain)
+
+    c, history = fit_coefficients(render, r, target, weights, iterations=3)
+    start = float(objective(render(torch.zeros(1, r, dtype=torch.float64)), target, weights)[0])
+    assert history[0] == pytest.approx(start)
+    assert float(objective(render(c[None]), target, weights)[0]) < 0.05 * start
+    assert float(objective(render(c[None]), target, weights)[0]) == pytest.approx(min(history))
+
+
+def test_target_is_the_reference_inside_and_the_source_outside():
+    source, reference = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 1:3] = True
+    target, weights = reference_target(source, reference, mask, outside_weight=0.5)
+    assert torch.equal(target[:, mask], torch.ones(3, 4)) and torch.equal(target[:, ~mask], torch.zeros(3, 12))
+    assert torch.equal(weights[:, mask], torch.ones(3, 4)) and torch.equal(weights[:, ~mask], torch.full((3, 12), 0.5))
+    with pytest.raises(LocalDiffError, match="outside_weight"):
+        reference_target(source, reference, mask, outside_weight=-1)
+
+
+def test_basis_keeps_the_span_and_drops_dependent_rows():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    rows = torch.cat([a, a[:1] + 2 * a[2:3]])  # the fourth row lies in the span of the first three
+    basis = orthonormal_basis(rows)
+    assert basis.shape == (3, 20)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(rows @ basis.T @ basis, rows)  # every row is in the span
