@@ -176,8 +176,9 @@ def test_discover_method_option(files, small_dir, tmp_path, capsys):
 
 
 def test_discover_reference_writes_one_direction_per_region(files, small_dir, tmp_path, capsys):
-    """--reference: one direction per region, the reference and its natural strength recorded and printed; the
-    image itself as its reference is one line and exit 2, with no file."""
+    """--reference: one direction per region (fitted to renders by default), the reference and its natural
+    strength recorded and printed; the image itself as its reference, or --reference-fit without --reference, is
+    one line and exit 2, with no file."""
     from localdiff import Directions
 
     ref = tmp_path / "ref.png"
@@ -188,6 +189,7 @@ def test_discover_reference_writes_one_direction_per_region(files, small_dir, tm
     assert code == 0 and "--direction top:0 --strength" in err
     dirs = Directions.load(out)
     assert dirs.meta["method"] == "reference" and dirs.meta["reference_name"] == "ref.png"
+    assert dirs.meta["reference_fit"] == "measured" and dirs.meta["fit"]["top"]["basis_size"] >= 3
     assert dirs.individual["top"].shape[0] == 1 and dirs.meta["reference_strength"]["top"] > 0
     same = tmp_path / "same.safetensors"
     code, _, err = run(["discover", files / "face.png", "--reference", files / "face.png", "--mask",
@@ -195,6 +197,12 @@ def test_discover_reference_writes_one_direction_per_region(files, small_dir, tm
     assert code == 2 and not same.exists()
     assert [line for line in err.splitlines() if "error" in line] == [
         "localdiff: error: the reference is the image itself; give another image to move the region towards"]
+    code, _, err = run(["discover", files / "face.png", "--reference-fit", "projected", "--mask",
+                        f"top={files / 'top.png'}", "--model", small_dir, "--steps", "6", "--out", same], capsys)
+    assert code == 2 and not same.exists()
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "localdiff: error: --reference-fit chooses how directions towards a reference are found; give --reference "
+        "REF too"]
 
 
 def test_a_small_k_lowers_the_default_individual_rank(capsys):

@@ -7,7 +7,7 @@ import torch
 
 from localdiff.errors import LocalDiffError
 from localdiff.reference import (fit_coefficients, objective, orthonormal_basis, reference_target,
-                                 weighted_step)
+                                 strength_span, weighted_step)
 
 
 def weighted_problem(r=4, n=50, seed=0):
@@ -93,3 +93,33 @@ def test_basis_keeps_the_span_and_drops_dependent_rows():
     assert basis.shape == (3, 20)
     torch.testing.assert_close(basis @ basis.T, torch.eye(3, dtype=torch.float64))
     torch.testing.assert_close(rows @ basis.T @ basis, rows)  # every row is in the span
+
+
+def test_strength_span_reaches_the_fitted_edit():
+    """Grids, sweeps and sliders of directions towards a reference reach their natural strength; others keep the
+    default range."""
+    meta = dict(method="reference", reference_strength={"mouth": 0.42, "eyes": 1.234})
+    assert strength_span(meta, 0.3) == pytest.approx(1.25)
+    assert strength_span(meta, 0.3, over=1.5) == pytest.approx(1.9)
+    assert strength_span(dict(method="reference", reference_strength={"mouth": 0.1}), 0.3) == 0.3
+    assert strength_span(dict(method="ratio"), 0.3) == 0.3
+
+
+def test_fit_that_cannot_improve_returns_its_first_step():
+    """A render that every move takes further from the target: no evaluated coefficients beat the unedited
+    image, and the fit returns its first (linearised) step rather than no edit at all."""
+    g = torch.Generator().manual_seed(4)
+    r, n = 2, 30
+    gain = torch.randn(r, n, generator=g, dtype=torch.float64)
+    target = torch.full((n,), -0.01, dtype=torch.float64)
+    weights = torch.ones(n, dtype=torch.float64)
+    seen = []
+
+    def render(rows):
+        seen.append(rows.clone())
+        return rows ** 2 @ gain.abs()  # every pixel only brightens, whichever way a coefficient moves
+
+    c, history = fit_coefficients(render, r, target, weights, iterations=2)
+    assert min(history) == history[0]
+    torch.testing.assert_close(c, seen[1][0])  # the base of the second iteration: the first step
+    assert float(c.norm()) > 0

@@ -23,6 +23,7 @@ from localdiff.errors import LocalDiffError
 from localdiff.images import check_output_path, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_path
 from localdiff.model import default_model_path, load_model, quiet_diffusers
+from localdiff.reference import FIT_METHODS, strength_span
 
 log = logging.getLogger("localdiff")
 
@@ -130,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions-out", metavar="DIR", help="with --auto-regions: also write the regions as DIR/<name>.png")
     p.add_argument("--reference", metavar="REF", help="instead of unsupervised directions: one direction per region "
                    "that moves the image's region towards this image's (e.g. a smile from another face)")
+    p.add_argument("--reference-fit", choices=FIT_METHODS,
+                   help="with --reference: 'measured' fits the edit to renders of the image (about 3 x (basis + 1) "
+                        "renders); 'projected' projects the h difference onto the region's subspace (no renders, "
+                        "but on the embedded model it barely moves the region) (default: measured)")
     p.add_argument("--out", metavar="DIRS.safetensors", help="where to write the directions")
     _batch_options(p, "discover")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
-    p.add_argument("--grid-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
-                   help=f"grid columns run from -S to +S (default: {GRID_STRENGTH})")
+    p.add_argument("--grid-strength", type=_finite_float, metavar="S",
+                   help=f"grid columns run from -S to +S (default: {GRID_STRENGTH}; with --reference, the largest natural "
+                        "strength if that is more)")
     _discovery_options(p)
     _model_options(p, NUM_INFERENCE_STEPS, why=STEPS_WHY)
 
@@ -156,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a directions file written by 'localdiff discover'")
     p.add_argument("--direction", required=True, metavar="NAME[:INDEX]", help="the direction, e.g. mouth or mouth:1")
     p.add_argument("--out", required=True, metavar="SWEEP.gif", help="the GIF; the strip goes beside it as .png")
-    p.add_argument("--max-strength", type=_finite_float, default=GRID_STRENGTH, metavar="S",
-                   help=f"sweep from -S to +S (default: {GRID_STRENGTH})")
+    p.add_argument("--max-strength", type=_finite_float, metavar="S",
+                   help=f"sweep from -S to +S (default: {GRID_STRENGTH}; for directions towards a reference, the "
+                        "largest natural strength if that is more)")
     p.add_argument("--frames", type=_positive_int, default=9, help="number of strengths (default: 9)")
     _edit_options(p)
 
@@ -353,6 +360,9 @@ def _check_regions(args) -> None:
         raise LocalDiffError("--auto-regions divides the whole image; give it without --mask or --auto-masks")
     if args.regions_out and not args.auto_regions:
         raise LocalDiffError("--regions-out writes the regions of --auto-regions; give --auto-regions N too")
+    if args.reference_fit and not args.reference:
+        raise LocalDiffError("--reference-fit chooses how directions towards a reference are found; give "
+                             "--reference REF too")
 
 
 def _given_masks(args, editor: LocalEditor, templates: set[str], masks: dict) -> dict:
@@ -413,7 +423,7 @@ def cmd_discover(args) -> int:
     image = editor.prepare(image)
     if args.reference:
         reference = editor.prepare(open_image(args.reference, "reference"))
-        dirs = editor.reference_directions(image, reference, region_masks, cfg,
+        dirs = editor.reference_directions(image, reference, region_masks, cfg, fit=args.reference_fit or FIT_METHODS[0],
                                            reference_name=Path(args.reference).name)
         dirs.save(out)
         log.info("wrote %s; to move each region to the reference's, edit with: %s", out,
@@ -424,7 +434,8 @@ def cmd_discover(args) -> int:
         log.info("wrote %s (%s; %s)", out, ", ".join(f"{r}: {len(dirs.individual[r])}" for r in dirs.regions),
                  _locality_note(dirs))
     if grid is not None:
-        save_image(edit_grid(editor, image, dirs, args.grid_strength, GRID_COLUMNS)[0], grid)
+        span = args.grid_strength if args.grid_strength is not None else strength_span(dirs.meta, GRID_STRENGTH)
+        save_image(edit_grid(editor, image, dirs, span, GRID_COLUMNS)[0], grid)
         log.info("wrote %s", grid)
     return 0
 
@@ -616,7 +627,8 @@ def cmd_sweep(args) -> int:
     strip_path = check_output_path(out.with_suffix(".png"), (".png",), "strip")
     image = open_image(args.image)
     dirs, ((direction, _),), editor = _load_for_edit(args)
-    strengths = symmetric_strengths(args.max_strength, args.frames)
+    span = args.max_strength if args.max_strength is not None else strength_span(dirs.meta, GRID_STRENGTH)
+    strengths = symmetric_strengths(span, args.frames)
     frames = editor.render(editor.prepare(image), [[(direction, s)] for s in strengths], **_render_options(args))
     save_image(strip(frames, dirs.masks[direction.region] if direction.region in dirs.masks else None), strip_path)
     save_gif(frames, out)

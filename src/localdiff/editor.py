@@ -515,7 +515,10 @@ class LocalEditor:
                     len(basis), target, weights, iterations=fit_iterations)
                 v = coef.to(basis) @ basis
                 size = float(v.norm())
-                fitted[n] = dict(basis_size=len(basis), objective=history)
+                fitted[n] = dict(basis_size=len(basis), objective=history, improved=min(history[1:]) < history[0])
+                if not fitted[n]["improved"]:
+                    log.warning("region %s: no edit in its %d local directions brings it closer to the reference; "
+                                "the direction is the linearised fit's first step", n, len(basis))
             if size == 0.0:
                 raise LocalDiffError(f"the reference's region {n!r} gives no edit: its h does not differ from the "
                                      "image's in the region's subspace")

@@ -16,6 +16,7 @@ fit asks the renders.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -70,12 +71,13 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     weighted least-squares step towards ``target``. The last step is tried at each multiple in ``line_search``
     (one more batch: the renders respond less than linearly to long steps). The coefficients with the lowest
     objective are returned, with the objective of each iteration's start and of the line search's best:
-    ``(coefficients (size,), objectives)``."""
+    ``(coefficients (size,), objectives)``. When no step lowers the objective, the first step is returned (the
+    linearised best; ``min(objectives) == objectives[0]`` tells)."""
     if iterations < 1:
         raise LocalDiffError(f"the fit needs at least one iteration, got {iterations}")
     target, weights = target.double(), weights.double()
     c = torch.zeros(size, dtype=torch.float64)
-    best, best_c, history = float("inf"), c, []
+    best, best_c, history, first = float("inf"), c, [], None
     step = torch.zeros_like(c)
     for _ in range(iterations):
         rows = torch.cat([c[None], c[None] + probe * torch.eye(size, dtype=c.dtype)])
@@ -87,13 +89,25 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
         responses = (out[1:] - out[:1]).flatten(1) / probe
         step = weighted_step(responses, (target - out[0]).flatten(), weights, ridge)
         c = c + step
+        first = c if first is None else first
     trials = torch.stack([c + (f - 1) * step for f in line_search])
     values = objective(render(trials).double(), target, weights)
     i = int(values.argmin())
     history.append(float(values[i]))
     if float(values[i]) < best:
-        best_c = trials[i]
+        best, best_c = float(values[i]), trials[i]
+    if not best < history[0]:
+        best_c = first
     return best_c, history
+
+
+def strength_span(meta: dict, default: float, over: float = 1.0) -> float:
+    """The strength range to show directions with: ``default``, or for directions towards a reference at least
+    ``over`` times their largest natural strength (rounded up to 0.05), so that the fitted edit is in range."""
+    strengths = meta.get("reference_strength") or {}
+    if meta.get("method") != "reference" or not strengths:
+        return default
+    return max(default, math.ceil(over * max(strengths.values()) * 20) / 20)
 
 
 def orthonormal_basis(vectors: Tensor, tol: float = 1e-6) -> Tensor:

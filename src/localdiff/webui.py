@@ -27,6 +27,7 @@ from localdiff.editor import LocalEditor
 from localdiff.errors import LocalDiffError
 from localdiff.images import load_image, open_image, save_image, to_pil
 from localdiff.masks import load_mask, template_names, template_path
+from localdiff.reference import strength_span
 from localdiff.sampling import generate, make_schedule
 from localdiff.viz import display_scale, enlarge, heatmap, save_gif, symmetric_strengths
 
@@ -263,7 +264,8 @@ def sweep_gif(editor: LocalEditor, session: Session, name: str, frames: int = 9)
     if session.directions is None:
         raise LocalDiffError("discover directions first")
     d = session.directions.select(name or session.directions.local()[0].name)
-    out = editor.render(image, [[(d, s)] for s in symmetric_strengths(STRENGTH_RANGE, frames)])
+    span = strength_span(session.directions.meta, STRENGTH_RANGE)
+    out = editor.render(image, [[(d, s)] for s in symmetric_strengths(span, frames)])
     path = session.folder() / f"sweep_{d.region}_{d.index}.gif"
     save_gif(out, path)
     return str(path)
@@ -413,8 +415,9 @@ def build_app(editor: LocalEditor):
         def found(session, names, msg):
             """The page after new directions: one slider per direction at 0, the unedited views, the sweep
             choices and the downloads."""
-            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0)
-                   for i in range(MAX_SLIDERS)]
+            span = strength_span(session.directions.meta, STRENGTH_RANGE, over=1.5)
+            ups = [gr.update(visible=i < len(names), label=names[i] if i < len(names) else "", value=0.0,
+                             minimum=-span, maximum=span) for i in range(MAX_SLIDERS)]
             views = render(editor, session, [0.0] * len(names))
             return (session, msg, *ups, *views, gr.update(choices=names, value=names[0] if names else None),
                     files(session))
@@ -425,9 +428,10 @@ def build_app(editor: LocalEditor):
 
         def on_reference(session, ref, t, kk):
             names = discover_reference(editor, session, ref, t, kk)
-            strengths = session.directions.meta["reference_strength"]
+            meta = session.directions.meta
             msg = ("directions towards the reference found (" + ", ".join(
-                f"{r}: strength {v:.3f} adds the whole difference" for r, v in strengths.items()) + "). Move a slider.")
+                f"{r}: strength {v:.3f} makes the fitted edit" for r, v in meta["reference_strength"].items())
+                + "). Move a slider.")
             return found(session, names, msg)
 
         reference_btn.click(guarded(on_reference, len(discover_outputs)), [state, reference, timestep, k],
