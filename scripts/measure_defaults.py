@@ -14,9 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from localdiff.demo import DEMO_REGIONS, DemoSettings
+from localdiff.demo import DemoSettings
 from localdiff.editor import LocalEditor
 from localdiff.evaluation import mean_std, score_edit
 from localdiff.facegan import FaceGAN, eval_seeds
