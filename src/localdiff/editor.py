@@ -523,7 +523,7 @@ class LocalEditor:
                 raise LocalDiffError(f"the reference's region {n!r} gives no edit: its h does not differ from the "
                                      "image's in the region's subspace")
             chosen.append((v / v.norm())[None])
-            moved.append(torch.tensor([size], dtype=work))
+            moved.append(torch.tensor([size], dtype=work, device="cpu"))
             strength[n] = size
         _, jvp, _, out = self._decoder_at(src, step, cfg.chunk_size)
         flat_masks = list(pixel_masks([region_masks[n] for n in names], out.shape[1], out.double()))

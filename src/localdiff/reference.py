@@ -75,13 +75,14 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     linearised best; ``min(objectives) == objectives[0]`` tells)."""
     if iterations < 1:
         raise LocalDiffError(f"the fit needs at least one iteration, got {iterations}")
-    target, weights = target.double(), weights.double()
-    c = torch.zeros(size, dtype=torch.float64)
+    # the fit's small linear algebra in float64 on the CPU (MPS has no float64), whatever renders the images
+    target, weights = target.double().cpu(), weights.double().cpu()
+    c = torch.zeros(size, dtype=torch.float64, device="cpu")
     best, best_c, history, first = float("inf"), c, [], None
     step = torch.zeros_like(c)
     for _ in range(iterations):
-        rows = torch.cat([c[None], c[None] + probe * torch.eye(size, dtype=c.dtype)])
-        out = render(rows).double()
+        rows = torch.cat([c[None], c[None] + probe * torch.eye(size, dtype=c.dtype, device=c.device)])
+        out = render(rows).double().cpu()
         value = float(objective(out[:1], target, weights)[0])
         history.append(value)
         if value < best:
@@ -91,7 +92,7 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
         c = c + step
         first = c if first is None else first
     trials = torch.stack([c + (f - 1) * step for f in line_search])
-    values = objective(render(trials).double(), target, weights)
+    values = objective(render(trials).double().cpu(), target, weights)
     i = int(values.argmin())
     history.append(float(values[i]))
     if float(values[i]) < best:
