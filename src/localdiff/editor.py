@@ -499,10 +499,10 @@ class LocalEditor:
         work = linalg_dtype(self.model.dtype)
         unit = float(enc.h.norm())
         chosen, moved, strength, fitted = [], [], {}, {}
+        diff = (ref.hs[step] - src.hs[step]).flatten().to(work) if fit == "projected" else None
         for i, n in enumerate(names):
             subspace = res.vectors[i].to(work)
             if fit == "projected":
-                diff = (ref.hs[step] - src.hs[step]).flatten().to(work)
                 v = subspace.T @ (subspace @ diff)
                 size = float(v.norm()) / unit
             else:
