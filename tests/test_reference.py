@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from localdiff.errors import LocalDiffError
-from localdiff.reference import (fit_coefficients, objective, orthonormal_basis, reference_target,
-                                 strength_span, weighted_step)
+from localdiff.metrics import locality
+from localdiff.reference import (fit_coefficients, fit_local_coefficients, local_combinations, objective,
+                                 orthonormal_basis, reference_target, strength_span, weighted_step)
 
 
 def weighted_problem(r=4, n=50, seed=0):
@@ -123,3 +124,67 @@ def test_fit_that_cannot_improve_returns_its_first_step():
     assert min(history) == history[0]
     torch.testing.assert_close(c, seen[1][0])  # the base of the second iteration: the first step
     assert float(c.norm()) > 0
+
+
+def locality_problem(r=5, n=60, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    responses = torch.randn(r, n, generator=g, dtype=torch.float64)
+    mask = torch.zeros(n, dtype=torch.float64)
+    mask[: n // 4] = 1
+    responses[0, n // 4:] *= 0.1  # one basis vector changes mostly the inside
+    return responses, mask, g
+
+
+def quotient(c, responses, mask):
+    change = c @ responses
+    return float((mask * change**2).sum() / (change**2).sum())
+
+
+def test_local_combinations_are_the_generalised_eigenvectors_of_locality():
+    responses, mask, g = locality_problem()
+    a, b = (responses * mask) @ responses.T, responses @ responses.T
+    brute = torch.linalg.eigvals(torch.linalg.solve(b, a)).real.sort(descending=True).values
+    u, lam = local_combinations(responses, mask, 0.3)
+    torch.testing.assert_close(lam, brute, rtol=1e-8, atol=1e-10)
+    assert u.shape == (5, int((brute >= 0.3).sum())) and 1 <= u.shape[1] < 5
+    for j in range(u.shape[1]):  # each kept column's change is exactly as local as its eigenvalue
+        assert quotient(u[:, j], responses, mask) == pytest.approx(float(lam[j]), rel=1e-8)
+    # any combination of the kept columns is at least min_locality local (measured like the image metric)
+    for _ in range(200):
+        c = u @ torch.randn(u.shape[1], generator=g, dtype=torch.float64)
+        change = (c @ responses).reshape(1, 1, -1)
+        assert float(locality(change, mask.reshape(1, -1))) >= 0.3 - 1e-9
+
+
+def test_local_combinations_keep_the_most_local_one_when_none_is_local_enough():
+    responses, mask, g = locality_problem()
+    u, lam = local_combinations(responses, mask, 0.999)
+    assert u.shape == (5, 1)
+    best = max(quotient(torch.randn(5, generator=g, dtype=torch.float64), responses, mask) for _ in range(2000))
+    assert quotient(u[:, 0], responses, mask) == pytest.approx(float(lam[0]))
+    assert best <= float(lam[0]) + 1e-9  # no random combination beats it
+    with pytest.raises(LocalDiffError, match="min_locality"):
+        local_combinations(responses, mask, 1.0)
+
+
+def test_local_fit_trades_the_objective_for_locality():
+    """On a linear render: with ``min_locality`` 0 every combination is allowed and the fit is the unconstrained
+    optimum; with a high one the fitted change is at least that local, at a higher objective."""
+    responses, mask, g = locality_problem()
+    base = torch.zeros(60, dtype=torch.float64)
+    target = torch.randn(60, generator=g, dtype=torch.float64)
+    weights = torch.ones(60, dtype=torch.float64)
+
+    def render(rows):
+        return base + rows @ responses
+
+    free, free_history = fit_coefficients(render, 5, target, weights, iterations=1, ridge=0.0, line_search=(1.0,))
+    same, _, lam, kept = fit_local_coefficients(render, 5, target, weights, mask, 0.0, iterations=1, ridge=0.0,
+                                               line_search=(1.0,))
+    assert kept == 5
+    torch.testing.assert_close(same, free, rtol=1e-6, atol=1e-8)
+    local, history, lam, kept = fit_local_coefficients(render, 5, target, weights, mask, 0.5)
+    assert kept < 5 and float(lam[kept - 1]) >= 0.5
+    assert quotient(local, responses, mask) >= 0.5
+    assert quotient(free, responses, mask) < 0.5  # the constraint was needed
+    assert min(free_history) < min(history) < history[0]  # worse than free, better than no edit

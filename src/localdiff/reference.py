@@ -102,6 +102,49 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     return best_c, history
 
 
+def local_combinations(responses: Tensor, mask: Tensor, min_locality: float) -> tuple[Tensor, Tensor]:
+    """The combinations of a basis whose change is at least ``min_locality`` local, to first order.
+
+    ``responses`` (r, n): each basis vector's change of the image (finite differences); ``mask`` (n,): 1 inside
+    the region. A combination ``c`` changes the image by ``c @ responses``, whose locality (share of the squared
+    change inside the mask, as :func:`localdiff.metrics.locality`) is the Rayleigh quotient ``c A c / c B c`` with
+    ``A = R diag(m) R^T`` and ``B = R R^T``. The generalised eigenvectors ``A u = lam B u`` are A- and
+    B-orthogonal, so any combination of those with ``lam >= min_locality`` is itself at least that local.
+    Returns ``(U, lam)``: ``U`` (r, q) the kept eigenvectors as unit columns, most local first, and ``lam`` (r,)
+    every eigenvalue, descending. When none reaches ``min_locality`` the most local one is kept (q = 1)."""
+    if not 0.0 <= min_locality < 1.0:
+        raise LocalDiffError(f"min_locality is a share of the change inside the region, in [0, 1); got {min_locality}")
+    g = responses.double().cpu()
+    m = mask.double().cpu().flatten()
+    a = (g * m) @ g.T
+    b = g @ g.T
+    eye = torch.eye(len(b), dtype=b.dtype, device=b.device)
+    chol = torch.linalg.cholesky(b + 1e-10 * float(b.diagonal().mean()) * eye)  # responses of a real basis: B > 0
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    lam, v = torch.linalg.eigh(inv @ a @ inv.T)
+    lam, v = lam.flip(0), v.flip(1)
+    u = inv.T @ v
+    keep = max(1, int((lam >= min_locality).sum()))
+    u = u[:, :keep]
+    return u / u.norm(dim=0, keepdim=True), lam
+
+
+def fit_local_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tensor, weights: Tensor,
+                           mask: Tensor, min_locality: float, **kwargs):
+    """:func:`fit_coefficients` among the combinations whose change is at least ``min_locality`` local
+    (:func:`local_combinations` on the finite-difference responses of one batched render of the probes at zero;
+    ``mask`` (R, R) or the shape of ``target``). ``kwargs`` go to :func:`fit_coefficients`.
+    Returns ``(coefficients (size,), objectives, lam, kept)``: ``lam`` the first-order locality of each
+    generalised eigenvector, descending, and ``kept`` how many of them the fit used."""
+    probe = kwargs.get("probe", PROBE)
+    rows = torch.cat([torch.zeros(1, size, dtype=torch.float64), probe * torch.eye(size, dtype=torch.float64)])
+    out = render(rows).double().cpu()
+    responses = (out[1:] - out[:1]).flatten(1) / probe
+    u, lam = local_combinations(responses, mask.double().cpu().expand_as(target), min_locality)
+    coef, history = fit_coefficients(lambda r: render(r.double() @ u.T), u.shape[1], target, weights, **kwargs)
+    return u @ coef, history, lam, u.shape[1]
+
+
 def strength_span(meta: dict, default: float, over: float = 1.0) -> float:
     """The strength range to show directions with: ``default``, or for directions towards a reference at least
     ``over`` times their largest natural strength (rounded up to 0.05), so that the fitted edit is in range."""
