@@ -177,8 +177,9 @@ def test_discover_method_option(files, small_dir, tmp_path, capsys):
 
 def test_discover_reference_writes_one_direction_per_region(files, small_dir, tmp_path, capsys):
     """--reference: one direction per region (fitted to renders by default), the reference and its natural
-    strength recorded and printed; the image itself as its reference, or --reference-fit without --reference, is
-    one line and exit 2, with no file."""
+    strength recorded and printed; --min-locality keeps the fit to edits that local (to first order). The image
+    itself as its reference, --reference-fit or --min-locality without --reference, --min-locality with the
+    projected fit or out of [0, 1), is one line and exit 2, with no file."""
     from localdiff import Directions
 
     ref = tmp_path / "ref.png"
@@ -191,6 +192,17 @@ def test_discover_reference_writes_one_direction_per_region(files, small_dir, tm
     assert dirs.meta["method"] == "reference" and dirs.meta["reference_name"] == "ref.png"
     assert dirs.meta["reference_fit"] == "measured" and dirs.meta["fit"]["top"]["basis_size"] >= 3
     assert dirs.individual["top"].shape[0] == 1 and dirs.meta["reference_strength"]["top"] > 0
+    assert dirs.meta["min_locality"] is None and "kept" not in dirs.meta["fit"]["top"]
+    local = tmp_path / "local.safetensors"
+    code, _, err = run(["discover", files / "face.png", "--reference", ref, "--mask", f"top={files / 'top.png'}",
+                        "--model", small_dir, "--steps", "6", "--k", "3", "--max-iter", "4", "--min-locality", "0.5",
+                        "--out", local], capsys)
+    assert code == 0
+    fit = Directions.load(local).meta["fit"]["top"]
+    lam = fit["localities"]
+    assert Directions.load(local).meta["min_locality"] == 0.5 and len(lam) == fit["basis_size"]
+    assert lam == sorted(lam, reverse=True) and 1 <= fit["kept"] < fit["basis_size"]
+    assert lam[fit["kept"] - 1] >= 0.5 or fit["kept"] == 1
     same = tmp_path / "same.safetensors"
     code, _, err = run(["discover", files / "face.png", "--reference", files / "face.png", "--mask",
                         f"top={files / 'top.png'}", "--model", small_dir, "--steps", "6", "--out", same], capsys)
@@ -201,8 +213,21 @@ def test_discover_reference_writes_one_direction_per_region(files, small_dir, tm
                         f"top={files / 'top.png'}", "--model", small_dir, "--steps", "6", "--out", same], capsys)
     assert code == 2 and not same.exists()
     assert [line for line in err.splitlines() if "error" in line] == [
-        "localdiff: error: --reference-fit chooses how directions towards a reference are found; give --reference "
-        "REF too"]
+        "localdiff: error: --reference-fit is about directions towards a reference; give --reference REF too"]
+    for extra, message in ((["--min-locality", "0.5"], "--min-locality is about directions towards a reference; "
+                            "give --reference REF too"),
+                           (["--reference", ref, "--reference-fit", "projected", "--min-locality", "0.5"],
+                            "--min-locality constrains the measured fit; drop it or --reference-fit projected")):
+        code, _, err = run(["discover", files / "face.png", *extra, "--mask", f"top={files / 'top.png'}",
+                            "--model", small_dir, "--steps", "6", "--out", same], capsys)
+        assert code == 2 and not same.exists()
+        assert [line for line in err.splitlines() if "error" in line] == [f"localdiff: error: {message}"]
+    with pytest.raises(SystemExit) as exit_:  # a usage error: argparse's exit, status 2
+        run(["discover", files / "face.png", "--reference", ref, "--min-locality", "1", "--mask",
+             f"top={files / 'top.png'}", "--model", small_dir, "--steps", "6", "--out", same], capsys)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not same.exists()
+    assert len(err.strip().splitlines()) == 1 and "'1' is not a share in [0, 1)" in err
 
 
 def test_a_small_k_lowers_the_default_individual_rank(capsys):

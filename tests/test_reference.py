@@ -179,12 +179,65 @@ def test_local_fit_trades_the_objective_for_locality():
         return base + rows @ responses
 
     free, free_history = fit_coefficients(render, 5, target, weights, iterations=1, ridge=0.0, line_search=(1.0,))
-    same, _, lam, kept = fit_local_coefficients(render, 5, target, weights, mask, 0.0, iterations=1, ridge=0.0,
+    same, _, lam, kept, _ = fit_local_coefficients(render, 5, target, weights, mask, 0.0, iterations=1, ridge=0.0,
                                                line_search=(1.0,))
     assert kept == 5
     torch.testing.assert_close(same, free, rtol=1e-6, atol=1e-8)
-    local, history, lam, kept = fit_local_coefficients(render, 5, target, weights, mask, 0.5)
+    local, history, lam, kept, reached = fit_local_coefficients(render, 5, target, weights, mask, 0.5)
     assert kept < 5 and float(lam[kept - 1]) >= 0.5
-    assert quotient(local, responses, mask) >= 0.5
+    assert quotient(local, responses, mask) >= 0.5 and reached == pytest.approx(quotient(local, responses, mask))
     assert quotient(free, responses, mask) < 0.5  # the constraint was needed
     assert min(free_history) < min(history) < history[0]  # worse than free, better than no edit
+
+
+def test_constrained_fit_checks_the_renders_not_the_first_order_bound():
+    """A render whose change leaks outside the region quadratically with the step: first order it is all inside,
+    but the unconstrained fit's long step is not local. With the constraint the returned coefficients' render is
+    at least ``minimum`` local; when nothing is, the most local candidate is returned."""
+    n = 40
+    mask = torch.zeros(n, dtype=torch.float64)
+    mask[:10] = 1
+    gain = torch.zeros(1, n, dtype=torch.float64)
+    gain[0, :10] = 1.0
+    target = torch.zeros(n, dtype=torch.float64)
+    target[:10] = 2.0  # the inside wants a long step
+    weights = mask + 0.01 * (1 - mask)  # the objective barely minds the outside; the constraint does
+
+    def render(rows):
+        return rows @ gain + (rows**2).sum(1, keepdim=True) * (1 - mask) * 0.5
+
+    def change_locality(images):
+        return ((images**2 * mask).sum(1) / (images**2).sum(1).clamp(min=1e-30))
+
+    free, _ = fit_coefficients(render, 1, target, weights)
+    assert float(change_locality(render(free[None]))[0]) < 0.5
+    local, history = fit_coefficients(render, 1, target, weights, constraint=change_locality, minimum=0.5)
+    assert float(change_locality(render(local[None]))[0]) >= 0.5 and float(local.norm()) > 0
+    assert history[-1] == pytest.approx(float(objective(render(local[None]), target, weights)[0]))
+    assert history[-1] < history[0]  # still closer to the target than no edit
+    most, _ = fit_coefficients(render, 1, target, weights, constraint=change_locality, minimum=0.99)
+    assert float(change_locality(render(most[None]))[0]) < 0.99  # none is that local: the most local one
+    assert float(change_locality(render(most[None]))[0]) > float(change_locality(render(free[None]))[0])
+
+
+def test_local_fit_falls_back_to_fewer_combinations_when_no_render_is_local_enough():
+    """Two combinations that are local to first order, but every edit that uses both leaks (an interaction that
+    probes along one combination at a time cannot see): the fit in both finds no local enough render, the fit in
+    the most local one alone does."""
+    n = 40
+    mask = torch.zeros(n, dtype=torch.float64)
+    mask[:10] = 1
+    gain = torch.zeros(2, n, dtype=torch.float64)
+    gain[0, :5], gain[1, 5:10], gain[1, 10:] = 1.0, 1.0, 0.05  # the second one leaks a little, linearly
+    target = torch.zeros(n, dtype=torch.float64)
+    target[:10] = 2.0
+    weights = torch.ones(n, dtype=torch.float64)
+
+    def render(rows):  # and a lot when both are used
+        both = (rows.abs() > 1e-6).all(dim=1, keepdim=True)
+        return rows @ gain + both.double() * (1 - mask) * 5.0
+
+    coef, history, lam, kept, reached = fit_local_coefficients(render, 2, target, weights, mask, 0.9)
+    assert float(lam[1]) >= 0.9  # both pass the first-order test
+    assert kept == 1 and reached >= 0.9 and abs(float(coef[1])) < 1e-9 and float(coef[0]) > 0.5
+    assert history[-1] < history[0]

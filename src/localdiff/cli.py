@@ -48,6 +48,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share in [0, 1)")
+    return value
+
+
 def _timestep(text: str) -> int | float:
     """A timestep: a whole number is a training timestep t (e.g. 700), a number with a point a fraction of T
     (e.g. 0.7). The model's range is checked once it is loaded."""
@@ -135,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --reference: 'measured' fits the edit to renders of the image (about 3 x (basis + 1) "
                         "renders); 'projected' projects the h difference onto the region's subspace (no renders, "
                         "but on the embedded model it barely moves the region) (default: measured)")
+    p.add_argument("--min-locality", type=_share, metavar="L",
+                   help="with --reference: fit only edits that keep at least this share of their squared change "
+                        "inside the region (e.g. 0.6; to first order): more local, but the region moves less far "
+                        "towards the reference (default: no constraint)")
     p.add_argument("--out", metavar="DIRS.safetensors", help="where to write the directions")
     _batch_options(p, "discover")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")
@@ -360,9 +371,11 @@ def _check_regions(args) -> None:
         raise LocalDiffError("--auto-regions divides the whole image; give it without --mask or --auto-masks")
     if args.regions_out and not args.auto_regions:
         raise LocalDiffError("--regions-out writes the regions of --auto-regions; give --auto-regions N too")
-    if args.reference_fit and not args.reference:
-        raise LocalDiffError("--reference-fit chooses how directions towards a reference are found; give "
-                             "--reference REF too")
+    if (args.reference_fit or args.min_locality is not None) and not args.reference:
+        raise LocalDiffError(f"{'--reference-fit' if args.reference_fit else '--min-locality'} is about directions "
+                             "towards a reference; give --reference REF too")
+    if args.min_locality is not None and args.reference_fit == "projected":
+        raise LocalDiffError("--min-locality constrains the measured fit; drop it or --reference-fit projected")
 
 
 def _given_masks(args, editor: LocalEditor, templates: set[str], masks: dict) -> dict:
@@ -424,7 +437,7 @@ def cmd_discover(args) -> int:
     if args.reference:
         reference = editor.prepare(open_image(args.reference, "reference"))
         dirs = editor.reference_directions(image, reference, region_masks, cfg, fit=args.reference_fit or FIT_METHODS[0],
-                                           reference_name=Path(args.reference).name)
+                                           min_locality=args.min_locality, reference_name=Path(args.reference).name)
         dirs.save(out)
         log.info("wrote %s; to move each region to the reference's, edit with: %s", out,
                  ", ".join(f"--direction {r}:0 --strength {s:.3f}" for r, s in dirs.meta["reference_strength"].items()))

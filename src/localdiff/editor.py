@@ -37,8 +37,8 @@ from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, loca
                                 project_out, subspace_iteration)
 from localdiff.jive import ajive, jive
 from localdiff.model import DiffusionModel, load_model
-from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, fit_coefficients, orthonormal_basis,
-                                 reference_target)
+from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, fit_coefficients, fit_local_coefficients,
+                                 orthonormal_basis, reference_target)
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
 log = logging.getLogger("localdiff")
@@ -455,6 +455,7 @@ class LocalEditor:
         fit: str = "measured",
         outside_weight: float = OUTSIDE_WEIGHT,
         fit_iterations: int = FIT_ITERATIONS,
+        min_locality: float | None = None,
         generator: torch.Generator | None = None,
         reference_name: str | None = None,
         **settings,
@@ -468,6 +469,9 @@ class LocalEditor:
         rest of the image, each outside pixel weighted ``outside_weight`` against an inside one
         (:mod:`localdiff.reference`): ``fit_iterations`` Gauss-Newton iterations, each one batched render of
         (basis size + 1) images with the editor's ``num_inference_steps`` and the default edit options.
+        ``min_locality`` (in [0, 1)) restricts the fit to the combinations whose change keeps at least that share
+        of the squared change inside the region, to first order (the probes of the first iteration measure it;
+        :func:`localdiff.reference.local_combinations`): more local edits that move the region less far.
         ``fit="projected"`` is the paper's cheap version: the h difference h_ref - h_src at ``timestep``
         projected onto the region's top-``k`` subspace (on the embedded model it barely moves the region
         towards the reference, docs/automatic_regions.md).
@@ -479,6 +483,11 @@ class LocalEditor:
         """
         if fit not in FIT_METHODS:
             raise LocalDiffError(f"unknown reference fit {fit!r}; choose one of {', '.join(FIT_METHODS)}")
+        if min_locality is not None and fit != "measured":
+            raise LocalDiffError("min_locality constrains the measured fit; drop it or use fit='measured'")
+        if min_locality is not None and not 0.0 <= min_locality < 1.0:
+            raise LocalDiffError(f"min_locality is a share of the change inside the region, in [0, 1); "
+                                 f"got {min_locality}")
         cfg = _config(config, settings, generator)
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
@@ -509,13 +518,22 @@ class LocalEditor:
                 basis = orthonormal_basis(torch.cat([found.individual[n].to(subspace), subspace]))
                 target, weights = reference_target(src.reconstruction[0], ref.reconstruction[0], region_masks[n],
                                                    outside_weight)
-                coef, history = fit_coefficients(
-                    lambda rows, b=basis, r=n: self.render(x_src, [self._combination(r, b, row, unit, timestep)
-                                                                  for row in rows]),
-                    len(basis), target, weights, iterations=fit_iterations)
+                def render(rows, b=basis, r=n):
+                    return self.render(x_src, [self._combination(r, b, row, unit, timestep) for row in rows])
+
+                if min_locality is None:
+                    coef, history = fit_coefficients(render, len(basis), target, weights, iterations=fit_iterations)
+                    fitted[n] = {}
+                else:
+                    coef, history, lam, kept, reached = fit_local_coefficients(
+                        render, len(basis), target, weights, region_masks[n], min_locality, iterations=fit_iterations)
+                    fitted[n] = dict(localities=[round(float(x), 4) for x in lam], kept=kept, locality=reached)
+                    if reached < min_locality:
+                        log.warning("region %s: no edit the fit tried is %.2f local; the most local one (%.2f) is "
+                                    "used", n, min_locality, reached)
                 v = coef.to(basis) @ basis
                 size = float(v.norm())
-                fitted[n] = dict(basis_size=len(basis), objective=history, improved=min(history[1:]) < history[0])
+                fitted[n].update(basis_size=len(basis), objective=history, improved=min(history[1:]) < history[0])
                 if not fitted[n]["improved"]:
                     log.warning("region %s: no edit in its %d local directions brings it closer to the reference; "
                                 "the direction is the linearised fit's first step", n, len(basis))
@@ -540,7 +558,8 @@ class LocalEditor:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         if fit == "measured":
-            meta.update(outside_weight=float(outside_weight), fit_iterations=int(fit_iterations), fit=fitted)
+            meta.update(outside_weight=float(outside_weight), fit_iterations=int(fit_iterations), fit=fitted,
+                        min_locality=min_locality)
         return Directions(
             individual={n: v.cpu() for n, v in zip(names, chosen)},
             individual_sigma={n: m.cpu() for n, m in zip(names, moved)},

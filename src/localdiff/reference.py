@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 
 from localdiff.errors import LocalDiffError
+from localdiff.metrics import locality
 
 FIT_METHODS = ("measured", "projected")
 OUTSIDE_WEIGHT = 1.0  # weight of a pixel outside the region against one inside (measured: docs/automatic_regions.md)
 FIT_ITERATIONS = 3  # Gauss-Newton iterations (each one batched render of r + 1 images; measured: docs/automatic_regions.md)
 PROBE = 0.25  # finite-difference step, as a strength (a fraction of |h|)
 LINE_SEARCH = (1.0, 1.5, 2.0)  # multiples of the last Gauss-Newton step tried
+SHRINK = (0.25, 0.5, 0.75)  # with a constraint, fractions of the whole edit also tried (weaker edits leak less)
 RIDGE = 1e-3  # Tikhonov damping, relative to the mean diagonal of the normal matrix
 
 
@@ -64,7 +66,8 @@ def weighted_step(responses: Tensor, residual: Tensor, weights: Tensor, ridge: f
 
 def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tensor, weights: Tensor, *,
                      iterations: int = FIT_ITERATIONS, probe: float = PROBE, ridge: float = RIDGE,
-                     line_search: tuple[float, ...] = LINE_SEARCH):
+                     line_search: tuple[float, ...] = LINE_SEARCH,
+                     constraint: Callable[[Tensor], Tensor] | None = None, minimum: float = 0.0):
     """Gauss-Newton for the coefficients of an edit: ``render`` maps coefficient rows (B, size) to images (B, ...)
     (row 0 of the first call is all zeros: the unedited image). Each iteration renders the current coefficients
     and ``probe`` along each basis vector in one batch, takes the finite-difference Jacobian and a damped
@@ -72,7 +75,13 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     (one more batch: the renders respond less than linearly to long steps). The coefficients with the lowest
     objective are returned, with the objective of each iteration's start and of the line search's best:
     ``(coefficients (size,), objectives)``. When no step lowers the objective, the first step is returned (the
-    linearised best; ``min(objectives) == objectives[0]`` tells)."""
+    linearised best; ``min(objectives) == objectives[0]`` tells).
+
+    ``constraint`` (renders (B, ...) -> scores (B,)) with ``minimum``: the line search's batch also holds the
+    final coefficients scaled by each of ``SHRINK``; only rendered coefficients (the iterations' and the line
+    search's, never the zeros) that score at least ``minimum`` are candidates, the lowest objective among them
+    wins, and the last objective is that of the returned coefficients; when none scores enough, the
+    highest-scoring one is returned."""
     if iterations < 1:
         raise LocalDiffError(f"the fit needs at least one iteration, got {iterations}")
     # the fit's small linear algebra in float64 on the CPU (MPS has no float64), whatever renders the images
@@ -80,6 +89,7 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     c = torch.zeros(size, dtype=torch.float64, device="cpu")
     best, best_c, history, first = float("inf"), c, [], None
     step = torch.zeros_like(c)
+    candidates = []  # (objective, score, coefficients) of every rendered nonzero candidate, for the constraint
     for _ in range(iterations):
         rows = torch.cat([c[None], c[None] + probe * torch.eye(size, dtype=c.dtype, device=c.device)])
         out = render(rows).double().cpu()
@@ -87,12 +97,20 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
         history.append(value)
         if value < best:
             best, best_c = value, c
+        if constraint is not None and first is not None:
+            candidates.append((value, float(constraint(out[:1])[0]), c))
         responses = (out[1:] - out[:1]).flatten(1) / probe
         step = weighted_step(responses, (target - out[0]).flatten(), weights, ridge)
         c = c + step
         first = c if first is None else first
-    trials = torch.stack([c + (f - 1) * step for f in line_search])
-    values = objective(render(trials).double().cpu(), target, weights)
+    trials = torch.stack([c + (f - 1) * step for f in line_search] + [f * c for f in (SHRINK if constraint else ())])
+    out = render(trials).double().cpu()
+    values = objective(out, target, weights)
+    if constraint is not None:
+        candidates += [(float(v), float(sc), t) for v, sc, t in zip(values, constraint(out), trials)]
+        feasible = [x for x in candidates if x[1] >= minimum]
+        value, _, chosen = min(feasible, key=lambda x: x[0]) if feasible else max(candidates, key=lambda x: x[1])
+        return chosen, history + [value]
     i = int(values.argmin())
     history.append(float(values[i]))
     if float(values[i]) < best:
@@ -131,18 +149,39 @@ def local_combinations(responses: Tensor, mask: Tensor, min_locality: float) -> 
 
 def fit_local_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tensor, weights: Tensor,
                            mask: Tensor, min_locality: float, **kwargs):
-    """:func:`fit_coefficients` among the combinations whose change is at least ``min_locality`` local
-    (:func:`local_combinations` on the finite-difference responses of one batched render of the probes at zero;
-    ``mask`` (R, R) or the shape of ``target``). ``kwargs`` go to :func:`fit_coefficients`.
-    Returns ``(coefficients (size,), objectives, lam, kept)``: ``lam`` the first-order locality of each
-    generalised eigenvector, descending, and ``kept`` how many of them the fit used."""
+    """:func:`fit_coefficients` for an edit whose change keeps at least ``min_locality`` of its squared change
+    inside ``mask`` ((R, R) or the shape of ``target``).
+
+    The fit runs among the combinations that are that local to first order (:func:`local_combinations` on the
+    finite-difference responses of one batched render of the probes at zero), and only edits whose rendered
+    change is that local count (``constraint`` of :func:`fit_coefficients`: the first-order bound does not hold
+    for long steps). When no rendered edit is local enough, the fit runs again among fewer, more local
+    combinations, down to the most local one; if none is, the most local edit rendered is returned.
+    ``kwargs`` go to :func:`fit_coefficients`. Returns ``(coefficients (size,), objectives, lam, kept,
+    reached)``: ``lam`` the first-order locality of each generalised eigenvector, descending, ``kept`` how many
+    of them the returned fit used and ``reached`` the locality of the returned edit's render."""
     probe = kwargs.get("probe", PROBE)
     rows = torch.cat([torch.zeros(1, size, dtype=torch.float64), probe * torch.eye(size, dtype=torch.float64)])
     out = render(rows).double().cpu()
     responses = (out[1:] - out[:1]).flatten(1) / probe
-    u, lam = local_combinations(responses, mask.double().cpu().expand_as(target), min_locality)
-    coef, history = fit_coefficients(lambda r: render(r.double() @ u.T), u.shape[1], target, weights, **kwargs)
-    return u @ coef, history, lam, u.shape[1]
+    m = mask.double().cpu().expand_as(target)
+    u, lam = local_combinations(responses, m, min_locality)
+    base, flat_mask = out[:1], m.flatten()[None, None]
+
+    def change_locality(images: Tensor) -> Tensor:  # the image metric, of the change from the unedited render
+        return locality((images - base).flatten(1)[:, None, None], flat_mask)
+
+    best = None
+    for kept in range(u.shape[1], 0, -1):
+        uk = u[:, :kept]
+        coef, history = fit_coefficients(lambda r, uk=uk: render(r.double() @ uk.T), kept, target, weights,
+                                         constraint=change_locality, minimum=min_locality, **kwargs)
+        reached = float(change_locality(render(coef[None].double() @ uk.T).double().cpu())[0])
+        if best is None or reached > best[4]:
+            best = (uk @ coef, history, lam, kept, reached)
+        if reached >= min_locality:
+            return uk @ coef, history, lam, kept, reached
+    return best
 
 
 def strength_span(meta: dict, default: float, over: float = 1.0) -> float:
