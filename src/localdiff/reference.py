@@ -152,14 +152,15 @@ def fit_local_coefficients(render: Callable[[Tensor], Tensor], size: int, target
     """:func:`fit_coefficients` for an edit whose change keeps at least ``min_locality`` of its squared change
     inside ``mask`` ((R, R) or the shape of ``target``).
 
-    The fit runs among the combinations that are that local to first order (:func:`local_combinations` on the
-    finite-difference responses of one batched render of the probes at zero), and only edits whose rendered
-    change is that local count (``constraint`` of :func:`fit_coefficients`: the first-order bound does not hold
-    for long steps). When no rendered edit is local enough, the fit runs again among fewer, more local
-    combinations, down to the most local one; if none is, the most local edit rendered is returned.
-    ``kwargs`` go to :func:`fit_coefficients`. Returns ``(coefficients (size,), objectives, lam, kept,
-    reached)``: ``lam`` the first-order locality of each generalised eigenvector, descending, ``kept`` how many
-    of them the returned fit used and ``reached`` the locality of the returned edit's render."""
+    Only edits whose rendered change is that local count (``constraint`` of :func:`fit_coefficients`). The fit
+    runs first in the whole basis; when none of its renders is local enough, among the combinations that are
+    that local to first order (:func:`local_combinations` on the finite-difference responses of one batched
+    render of the probes at zero), then among fewer, more local ones, down to the most local one (the
+    first-order bound does not hold for long steps, nor for every combination of them). If no render is local
+    enough, the most local edit is returned. ``kwargs`` go to :func:`fit_coefficients`. Returns
+    ``(coefficients (size,), objectives, lam, kept, reached)``: ``lam`` the first-order locality of each
+    generalised eigenvector, descending, ``kept`` how many combinations the returned fit used (``size``: the
+    whole basis) and ``reached`` the locality of the returned edit's render."""
     probe = kwargs.get("probe", PROBE)
     rows = torch.cat([torch.zeros(1, size, dtype=torch.float64), probe * torch.eye(size, dtype=torch.float64)])
     out = render(rows).double().cpu()
@@ -172,15 +173,16 @@ def fit_local_coefficients(render: Callable[[Tensor], Tensor], size: int, target
         return locality((images - base).flatten(1)[:, None, None], flat_mask)
 
     best = None
-    for kept in range(u.shape[1], 0, -1):
-        uk = u[:, :kept]
-        coef, history = fit_coefficients(lambda r, uk=uk: render(r.double() @ uk.T), kept, target, weights,
+    bases = [torch.eye(size, dtype=torch.float64)] + [u[:, :k] for k in range(min(u.shape[1], size - 1), 0, -1)]
+    for uk in bases:
+        coef, history = fit_coefficients(lambda r, uk=uk: render(r.double() @ uk.T), uk.shape[1], target, weights,
                                          constraint=change_locality, minimum=min_locality, **kwargs)
         reached = float(change_locality(render(coef[None].double() @ uk.T).double().cpu())[0])
-        if best is None or reached > best[4]:
-            best = (uk @ coef, history, lam, kept, reached)
+        result = (uk @ coef, history, lam, uk.shape[1], reached)
         if reached >= min_locality:
-            return uk @ coef, history, lam, kept, reached
+            return result
+        if best is None or reached > best[4]:
+            best = result
     return best
 
 
