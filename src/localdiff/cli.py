@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "renders); 'projected' projects the h difference onto the region's subspace (no renders, "
                         "but on the embedded model it barely moves the region) (default: measured)")
     p.add_argument("--min-locality", type=_share, metavar="L",
-                   help="with --reference: fit only edits that keep at least this share of their squared change "
-                        "inside the region (e.g. 0.6; to first order): more local, but the region moves less far "
-                        "towards the reference (default: no constraint)")
+                   help="with --reference: keep only edits with at least this share of their squared change inside "
+                        "the region (e.g. 0.6; measured on the fit's renders): more local, but the region moves less "
+                        "far towards the reference (default: no constraint)")
     p.add_argument("--out", metavar="DIRS.safetensors", help="where to write the directions")
     _batch_options(p, "discover")
     p.add_argument("--grid", metavar="GRID.png", help="also write a grid of edits (rows: directions)")

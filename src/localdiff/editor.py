@@ -469,9 +469,12 @@ class LocalEditor:
         rest of the image, each outside pixel weighted ``outside_weight`` against an inside one
         (:mod:`localdiff.reference`): ``fit_iterations`` Gauss-Newton iterations, each one batched render of
         (basis size + 1) images with the editor's ``num_inference_steps`` and the default edit options.
-        ``min_locality`` (in [0, 1)) restricts the fit to the combinations whose change keeps at least that share
-        of the squared change inside the region, to first order (the probes of the first iteration measure it;
-        :func:`localdiff.reference.local_combinations`): more local edits that move the region less far.
+        ``min_locality`` (in [0, 1)) keeps only edits whose rendered change has at least that share of its squared
+        change inside the region (the image locality, measured on the fit's renders): first in the whole basis,
+        then among the combinations that local to first order (:func:`localdiff.reference.fit_local_coefficients`).
+        The edits are more local and move the region less far; a warning says when none is local enough (the most
+        local one is used). ``meta["fit"][region]`` then records the first-order localities, the combinations
+        used (``kept``) and the ``locality`` reached.
         ``fit="projected"`` is the paper's cheap version: the h difference h_ref - h_src at ``timestep``
         projected onto the region's top-``k`` subspace (on the embedded model it barely moves the region
         towards the reference, docs/automatic_regions.md).
@@ -518,6 +521,7 @@ class LocalEditor:
                 basis = orthonormal_basis(torch.cat([found.individual[n].to(subspace), subspace]))
                 target, weights = reference_target(src.reconstruction[0], ref.reconstruction[0], region_masks[n],
                                                    outside_weight)
+
                 def render(rows, b=basis, r=n):
                     return self.render(x_src, [self._combination(r, b, row, unit, timestep) for row in rows])
 
@@ -533,8 +537,12 @@ class LocalEditor:
                                     "used", n, min_locality, reached)
                 v = coef.to(basis) @ basis
                 size = float(v.norm())
-                fitted[n].update(basis_size=len(basis), objective=history, improved=min(history[1:]) < history[0])
-                if not fitted[n]["improved"]:
+                # with min_locality the last objective is the returned edit's (earlier ones may not be local enough)
+                improved = (history[-1] if min_locality is not None else min(history[1:])) < history[0]
+                fitted[n].update(basis_size=len(basis), objective=history, improved=improved)
+                if not improved and min_locality is not None:
+                    log.warning("region %s: the edit brings it no closer to the reference (none that local does)", n)
+                elif not improved:
                     log.warning("region %s: no edit in its %d local directions brings it closer to the reference; "
                                 "the direction is the linearised fit's first step", n, len(basis))
             if size == 0.0:
