@@ -168,8 +168,9 @@ def test_local_combinations_keep_the_most_local_one_when_none_is_local_enough():
 
 
 def test_local_fit_trades_the_objective_for_locality():
-    """On a linear render: with ``min_locality`` 0 every combination is allowed and the fit is the unconstrained
-    optimum; with a high one the fitted change is at least that local, at a higher objective."""
+    """On a linear render: with a ``min_locality`` the unconstrained optimum meets (0, or just under its own
+    locality) the fit is that optimum; with a higher one the fitted change is at least that local, at a higher
+    objective."""
     responses, mask, g = locality_problem()
     base = torch.zeros(60, dtype=torch.float64)
     target = torch.randn(60, generator=g, dtype=torch.float64)
@@ -182,6 +183,11 @@ def test_local_fit_trades_the_objective_for_locality():
     same, _, lam, kept, _ = fit_local_coefficients(render, 5, target, weights, mask, 0.0, iterations=1, ridge=0.0,
                                                line_search=(1.0,))
     assert kept == 5
+    torch.testing.assert_close(same, free, rtol=1e-6, atol=1e-8)
+    free_locality = quotient(free, responses, mask)
+    same, _, lam, kept, _ = fit_local_coefficients(render, 5, target, weights, mask, free_locality - 0.01,
+                                                   iterations=1, ridge=0.0, line_search=(1.0,))
+    assert kept == 5 and int((lam >= free_locality - 0.01).sum()) < 5  # local enough: the whole basis's fit
     torch.testing.assert_close(same, free, rtol=1e-6, atol=1e-8)
     local, history, lam, kept, reached = fit_local_coefficients(render, 5, target, weights, mask, 0.5)
     assert kept < 5 and float(lam[kept - 1]) >= 0.5

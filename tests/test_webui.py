@@ -144,6 +144,10 @@ def test_regions_without_painting_and_a_reference(ui_editor, face, tmp_path):
     assert set(s.directions.meta["reference_strength"]) == {"region1", "region2", "region3"}
     original, edited, _ = webui.render(ui_editor, s, [0.1, 0.0, 0.0])
     assert np.abs(np.asarray(edited, np.float32) - np.asarray(original, np.float32)).max() > 0
+    assert s.directions.meta["min_locality"] is None
+    webui.discover_reference(ui_editor, s, str(ref), 0.5, k=2, min_locality=0.4)
+    assert s.directions.meta["min_locality"] == 0.4
+    assert all(0.0 <= f["locality"] <= 1.0 for f in s.directions.meta["fit"].values())
     with pytest.raises(LocalDiffError, match="reference image"):
         webui.discover_reference(ui_editor, s, None, 0.5)
     if __import__("importlib").util.find_spec("mediapipe") is not None:

@@ -199,9 +199,10 @@ def discover(editor: LocalEditor, session: Session, timestep: float, k: int, ind
 
 
 def discover_reference(editor: LocalEditor, session: Session, reference_path: str | None, timestep: float,
-                       k: int = DiscoveryConfig.k) -> list[str]:
+                       k: int = DiscoveryConfig.k, min_locality: float = 0.0) -> list[str]:
     """One direction per region towards an uploaded reference image's region; returns the slider names. The
-    strength that adds the whole difference is in the directions' ``meta["reference_strength"]``."""
+    strength that makes the fitted edit is in the directions' ``meta["reference_strength"]``; ``min_locality``
+    above 0 keeps only edits at least that local (:meth:`LocalEditor.reference_directions`)."""
     image = _need_image(session)
     if not session.masks:
         raise LocalDiffError("choose at least one region before finding directions towards a reference")
@@ -212,7 +213,8 @@ def discover_reference(editor: LocalEditor, session: Session, reference_path: st
     except LocalDiffError:
         raise LocalDiffError("the reference is not an image localdiff can read; upload a PNG or JPEG") from None
     session.directions = editor.reference_directions(image, reference, session.masks, timestep=float(timestep),
-                                                     k=int(k), reference_name=Path(reference_path).name)
+                                                     k=int(k), min_locality=float(min_locality) or None,
+                                                     reference_name=Path(reference_path).name)
     session.directions.save(session.folder() / "directions.safetensors")
     return [d.name for d in session.directions.local()][:MAX_SLIDERS]
 
@@ -348,6 +350,9 @@ def build_app(editor: LocalEditor):
                 with gr.Accordion("or: towards a reference image", open=False):
                     reference = gr.File(label="reference image (its regions' look is the target)",
                                         file_types=["image"], type="filepath", elem_id="reference", height=100)
+                    min_locality = gr.Slider(0.0, 0.9, value=0.0, step=0.05, label="minimum locality (0: none)",
+                                             info="share of the edit's change inside the region; higher: more "
+                                                  "local edits that move the region less far")
                     reference_btn = gr.Button("find directions towards the reference", elem_id="discover_reference")
         status = gr.Markdown("", elem_id="status")
         sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0.0, step=0.05, visible=False,
@@ -426,15 +431,17 @@ def build_app(editor: LocalEditor):
         discover_btn.click(guarded(on_discover, len(discover_outputs)), [state, timestep, k, ind_rank, joint, method],
                            discover_outputs, api_name="discover")
 
-        def on_reference(session, ref, t, kk):
-            names = discover_reference(editor, session, ref, t, kk)
+        def on_reference(session, ref, t, kk, low):
+            names = discover_reference(editor, session, ref, t, kk, low)
             meta = session.directions.meta
+            reached = {r: f.get("locality") for r, f in meta.get("fit", {}).items()}
             msg = ("directions towards the reference found (" + ", ".join(
-                f"{r}: strength {v:.3f} makes the fitted edit" for r, v in meta["reference_strength"].items())
-                + "). Move a slider.")
+                f"{r}: strength {v:.3f} makes the fitted edit"
+                + (f", {reached[r]:.2f} local" if reached.get(r) is not None else "")
+                for r, v in meta["reference_strength"].items()) + "). Move a slider.")
             return found(session, names, msg)
 
-        reference_btn.click(guarded(on_reference, len(discover_outputs)), [state, reference, timestep, k],
+        reference_btn.click(guarded(on_reference, len(discover_outputs)), [state, reference, timestep, k, min_locality],
                             discover_outputs, api_name="discover_reference")
 
         def on_slide(session, *values):
