@@ -176,12 +176,17 @@ def test_local_fit_trades_the_objective_for_locality():
     target = torch.randn(60, generator=g, dtype=torch.float64)
     weights = torch.ones(60, dtype=torch.float64)
 
+    calls = []
+
     def render(rows):
+        calls.append(len(rows))
         return base + rows @ responses
 
     free, free_history = fit_coefficients(render, 5, target, weights, iterations=1, ridge=0.0, line_search=(1.0,))
+    calls.clear()
     same, _, lam, kept, _ = fit_local_coefficients(render, 5, target, weights, mask, 0.0, iterations=1, ridge=0.0,
                                                line_search=(1.0,))
+    assert calls == [6, 4, 1]  # probes at zero (rendered once), line search + 3 shrinks, the returned edit
     assert kept == 5
     torch.testing.assert_close(same, free, rtol=1e-6, atol=1e-8)
     free_locality = quotient(free, responses, mask)

@@ -11,7 +11,8 @@ where ``x(c)`` is the source regenerated with the edit. The renders are the meas
 with the image Jacobian dx/dc taken by finite differences, one batched render of r + 1 images an iteration.
 The h difference of the two images says little about how an edit moves the pixels (on the embedded model its
 projection onto the region's subspace moved nothing towards the reference, docs/automatic_regions.md); the
-fit asks the renders.
+fit asks the renders. :func:`fit_local_coefficients` adds a constraint measured on them too: only edits whose
+change keeps a given share inside the region.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
         step = weighted_step(responses, (target - out[0]).flatten(), weights, ridge)
         c = c + step
         first = c if first is None else first
-    trials = torch.stack([c + (f - 1) * step for f in line_search] + [f * c for f in (SHRINK if constraint else ())])
+    trials = torch.stack([c + (f - 1) * step for f in line_search] + [f * c for f in (SHRINK if constraint is not None else ())])
     out = render(trials).double().cpu()
     values = objective(out, target, weights)
     if constraint is not None:
@@ -172,11 +173,14 @@ def fit_local_coefficients(render: Callable[[Tensor], Tensor], size: int, target
     def change_locality(images: Tensor) -> Tensor:  # the image metric, of the change from the unedited render
         return locality((images - base).flatten(1)[:, None, None], flat_mask)
 
+    def render_rows(r: Tensor) -> Tensor:  # the whole basis's first batch is the one just rendered
+        return out if r.shape == rows.shape and torch.equal(r, rows) else render(r)
+
     best = None
     bases = [torch.eye(size, dtype=torch.float64)] + [u[:, :k] for k in range(min(u.shape[1], size - 1), 0, -1)]
     for uk in bases:
-        coef, history = fit_coefficients(lambda r, uk=uk: render(r.double() @ uk.T), uk.shape[1], target, weights,
-                                         constraint=change_locality, minimum=min_locality, **kwargs)
+        coef, history = fit_coefficients(lambda r, uk=uk: render_rows(r.double() @ uk.T), uk.shape[1], target,
+                                         weights, constraint=change_locality, minimum=min_locality, **kwargs)
         reached = float(change_locality(render(coef[None].double() @ uk.T).double().cpu())[0])
         result = (uk @ coef, history, lam, uk.shape[1], reached)
         if reached >= min_locality:
