@@ -37,8 +37,8 @@ from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, loca
                                 project_out, subspace_iteration)
 from localdiff.jive import ajive, jive
 from localdiff.model import DiffusionModel, load_model
-from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, fit_coefficients, fit_local_coefficients,
-                                 orthonormal_basis, reference_target)
+from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, check_min_locality, fit_coefficients,
+                                 fit_local_coefficients, orthonormal_basis, reference_target)
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
 log = logging.getLogger("localdiff")
@@ -488,9 +488,8 @@ class LocalEditor:
             raise LocalDiffError(f"unknown reference fit {fit!r}; choose one of {', '.join(FIT_METHODS)}")
         if min_locality is not None and fit != "measured":
             raise LocalDiffError("min_locality constrains the measured fit; drop it or use fit='measured'")
-        if min_locality is not None and not 0.0 <= min_locality < 1.0:
-            raise LocalDiffError(f"min_locality is a share of the change inside the region, in [0, 1); "
-                                 f"got {min_locality}")
+        if min_locality is not None:
+            check_min_locality(min_locality)  # before the inversions
         cfg = _config(config, settings, generator)
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")

@@ -121,6 +121,12 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
     return best_c, history
 
 
+def check_min_locality(min_locality: float) -> None:
+    """One clear error unless ``min_locality`` is a share in [0, 1)."""
+    if not 0.0 <= min_locality < 1.0:
+        raise LocalDiffError(f"min_locality is a share of the change inside the region, in [0, 1); got {min_locality}")
+
+
 def local_combinations(responses: Tensor, mask: Tensor, min_locality: float) -> tuple[Tensor, Tensor]:
     """The combinations of a basis whose change is at least ``min_locality`` local, to first order.
 
@@ -131,8 +137,7 @@ def local_combinations(responses: Tensor, mask: Tensor, min_locality: float) -> 
     B-orthogonal, so any combination of those with ``lam >= min_locality`` is itself at least that local.
     Returns ``(U, lam)``: ``U`` (r, q) the kept eigenvectors as unit columns, most local first, and ``lam`` (r,)
     every eigenvalue, descending. When none reaches ``min_locality`` the most local one is kept (q = 1)."""
-    if not 0.0 <= min_locality < 1.0:
-        raise LocalDiffError(f"min_locality is a share of the change inside the region, in [0, 1); got {min_locality}")
+    check_min_locality(min_locality)
     g = responses.double().cpu()
     m = mask.double().cpu().flatten()
     a = (g * m) @ g.T
