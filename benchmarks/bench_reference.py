@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, eval_faces_and_masks, mean_interval  # noqa: E402
+from common import environment, eval_faces_and_masks, mean_interval, reference_fit_options  # noqa: E402
 
 from localdiff.baselines import discover  # noqa: E402
 from localdiff.config import DiscoveryConfig  # noqa: E402
@@ -60,8 +60,7 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
     md = None
     for fit in fits:
         t0 = time.perf_counter()
-        options = dict(fit="measured", min_locality=min_locality) if fit == "local" else dict(fit=fit)
-        dirs = editor.reference_directions(src, ref, masks, cfg, **options)
+        dirs = editor.reference_directions(src, ref, masks, cfg, **reference_fit_options(fit, min_locality))
         row["seconds"][fit] = time.perf_counter() - t0
         for r, m in masks.items():
             s = dirs.meta["reference_strength"][r]

@@ -80,6 +80,12 @@ def eval_faces_and_masks(n_faces: int, regions, steps: int):
     return editor, masks, faces
 
 
+def reference_fit_options(name: str, min_locality: float | None = None) -> dict:
+    """``reference_directions`` keywords of a benchmark's fit name: ``measured``, ``projected``, or ``local`` (the
+    measured fit with ``min_locality``)."""
+    return dict(fit="measured", min_locality=min_locality) if name == "local" else dict(fit=name)
+
+
 def mean_interval(values, *, signed: bool = False) -> str:
     """``mean [lo, hi]``: the mean and its 95 % percentile bootstrap interval (``signed``: with + for gains)."""
     import statistics

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import eval_faces_and_masks  # noqa: E402
+from common import eval_faces_and_masks, reference_fit_options  # noqa: E402
 
 from localdiff.images import save_image  # noqa: E402
 from localdiff.viz import method_panel  # noqa: E402
@@ -44,10 +44,8 @@ def main(argv=None) -> None:
         src, ref = faces[2 * i:2 * i + 1], faces[2 * i + 1:2 * i + 2]
         rec_ref = editor.invert(ref).reconstruction[0]
         columns = {"reference": rec_ref.expand(len(masks), -1, -1, -1)}
-        fits = {f: dict(fit=f) for f in FITS} if args.min_locality is None else dict(
-            measured=dict(fit="measured"), local=dict(fit="measured", min_locality=args.min_locality))
-        for name, options in fits.items():
-            dirs = editor.reference_directions(src, ref, masks, **options)
+        for name in FITS if args.min_locality is None else ("measured", "local"):
+            dirs = editor.reference_directions(src, ref, masks, **reference_fit_options(name, args.min_locality))
             columns[name] = torch.cat([editor.render(src, [[(dirs[r][0], dirs.meta["reference_strength"][r])]])
                                       for r in masks])
         blocks.append(method_panel(editor.invert(src).reconstruction[0], columns, masks))
