@@ -62,6 +62,8 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
         t0 = time.perf_counter()
         dirs = editor.reference_directions(src, ref, masks, cfg, **reference_fit_options(fit, min_locality))
         row["seconds"][fit] = time.perf_counter() - t0
+        if fit == "measured":
+            row["basis_rank"] = dirs.meta["basis_rank"]
         for r, m in masks.items():
             s = dirs.meta["reference_strength"][r]
             out = editor.render(src, [[(dirs[r][0], f * s)] for f in MULTIPLES])
@@ -80,7 +82,9 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
 
 
 def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
-    print(f"\n{len(rows)} pairs of evaluation faces; mean [95 % interval]\n")
+    ranks = sorted({row.get("basis_rank", "?") for row in rows}, key=str)
+    print(f"\n{len(rows)} pairs of evaluation faces; the measured fits' masked subspace: "
+          f"{', '.join(map(str, ranks))} vectors; mean [95 % interval]\n")
     for r in regions:
         disc = [row["discovered"][r] for row in rows]
         print(f"### {r}\n\nfirst discovered direction ({method}) at the measured edit's inside change: image "

@@ -252,3 +252,19 @@ def test_local_fit_falls_back_to_fewer_combinations_when_no_render_is_local_enou
     assert float(lam[1]) >= 0.9  # both pass the first-order test
     assert kept == 1 and reached >= 0.9 and abs(float(coef[1])) < 1e-9 and float(coef[0]) > 0.5
     assert history[-1] < history[0]
+
+
+def test_basis_rank_is_checked_before_the_inversions(editor):
+    """``basis_rank`` sizes the measured fit's masked subspace: a value h-space has no room for, a non-integer,
+    or one given to the projected fit (which has no basis to size) is one clear error, before any inversion."""
+    from conftest import REGIONS, texture
+
+    image, other = texture(seed=1), texture(seed=2)
+    cached = len(editor._cache)
+    top = min(512, 64 * 8 * 8 - 3)  # MAX_K, and h-space's dimensions less the default oversample
+    for bad in (0, -2, 2.5, True, top + 1):
+        with pytest.raises(LocalDiffError, match=rf"basis_rank must be an integer in 1\.\.{top} .*got {bad!r}"):
+            editor.reference_directions(image, other, {"mouth": REGIONS["mouth"]}, basis_rank=bad)
+    with pytest.raises(LocalDiffError, match="basis_rank sizes the measured fit's basis"):
+        editor.reference_directions(image, other, {"mouth": REGIONS["mouth"]}, fit="projected", basis_rank=4)
+    assert len(editor._cache) == cached  # nothing was inverted

@@ -37,8 +37,8 @@ from localdiff.jacobian import (decoder_operators, fix_signs, linalg_dtype, loca
                                 project_out, subspace_iteration)
 from localdiff.jive import ajive, jive
 from localdiff.model import DiffusionModel, load_model
-from localdiff.reference import (FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, check_min_locality, fit_coefficients,
-                                 fit_local_coefficients, orthonormal_basis, reference_target)
+from localdiff.reference import (BASIS_RANK_FACTOR, FIT_ITERATIONS, FIT_METHODS, OUTSIDE_WEIGHT, check_min_locality,
+                                 fit_coefficients, fit_local_coefficients, orthonormal_basis, reference_target)
 from localdiff.sampling import EDIT_SCHEDULES, Schedule, ddim_invert, ddim_sample, edit_steps, make_schedule
 
 log = logging.getLogger("localdiff")
@@ -456,6 +456,7 @@ class LocalEditor:
         outside_weight: float = OUTSIDE_WEIGHT,
         fit_iterations: int = FIT_ITERATIONS,
         min_locality: float | None = None,
+        basis_rank: int | None = None,
         generator: torch.Generator | None = None,
         reference_name: str | None = None,
         **settings,
@@ -464,7 +465,8 @@ class LocalEditor:
         that one"; the IJCV extension's reference-guided edit).
 
         Both images are inverted. ``fit="measured"`` (the default) searches the region's local directions (those
-        :meth:`discover` finds with ``config``, and the top-``k`` right singular vectors of d(m * eps)/dh) for the
+        :meth:`discover` finds with ``config``, and the top ``basis_rank`` right singular vectors of d(m * eps)/dh,
+        by default 3 ``k``: a larger basis leaves the fit more ways to keep the change inside) for the
         edit whose regeneration brings the region closest to the reference's reconstruction while keeping the
         rest of the image, each outside pixel weighted ``outside_weight`` against an inside one
         (:mod:`localdiff.reference`): ``fit_iterations`` Gauss-Newton iterations, each one batched render of
@@ -490,7 +492,18 @@ class LocalEditor:
             raise LocalDiffError("min_locality constrains the measured fit; drop it or use fit='measured'")
         if min_locality is not None:
             check_min_locality(min_locality)  # before the inversions
+        if basis_rank is not None and fit != "measured":
+            raise LocalDiffError("basis_rank sizes the measured fit's basis; drop it or use fit='measured'")
         cfg = _config(config, settings, generator)
+        h_dim = math.prod(self.model.h_shape)
+        top = min(_config_module.MAX_K, h_dim - cfg.oversample)  # the largest subspace h-space has room for
+        if basis_rank is None:
+            rank = min(BASIS_RANK_FACTOR * cfg.k, top) if fit == "measured" else cfg.k
+        elif isinstance(basis_rank, bool) or not isinstance(basis_rank, int) or not 1 <= basis_rank <= top:
+            raise LocalDiffError(f"basis_rank must be an integer in 1..{top} (with oversample {cfg.oversample}, in "
+                                 f"h-space's {h_dim} dimensions), got {basis_rank!r}")
+        else:
+            rank = basis_rank
         region_masks = self.prepare_masks(masks, image)
         x_src, x_ref = self.prepare(image), self.prepare(reference, name="reference")
         if torch.equal(x_src, x_ref):
@@ -505,7 +518,7 @@ class LocalEditor:
             timestep = cfg.replace(individual_rank=None, joint_rank=None).check(
                 math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
         res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep,
-                                               k=cfg.k, oversample=cfg.oversample, seed=cfg.seed,
+                                               k=rank, oversample=cfg.oversample, seed=cfg.seed,
                                                max_iter=cfg.max_iter, tol_deg=cfg.tol_deg, chunk_size=cfg.chunk_size)
         work = linalg_dtype(self.model.dtype)
         unit = float(enc.h.norm())
@@ -566,7 +579,7 @@ class LocalEditor:
         )
         if fit == "measured":
             meta.update(outside_weight=float(outside_weight), fit_iterations=int(fit_iterations), fit=fitted,
-                        min_locality=min_locality)
+                        min_locality=min_locality, basis_rank=rank)
         return Directions(
             individual={n: v.cpu() for n, v in zip(names, chosen)},
             individual_sigma={n: m.cpu() for n, m in zip(names, moved)},

@@ -33,6 +33,7 @@ PROBE = 0.25  # finite-difference step, as a strength (a fraction of |h|)
 LINE_SEARCH = (1.0, 1.5, 2.0)  # multiples of the last Gauss-Newton step tried
 SHRINK = (0.25, 0.5, 0.75)  # with a constraint, fractions of the whole edit also tried (weaker edits leak less)
 RIDGE = 1e-3  # Tikhonov damping, relative to the mean diagonal of the normal matrix
+BASIS_RANK_FACTOR = 3  # the measured fit's masked subspace has this many times k vectors (measured: docs/automatic_regions.md)
 
 
 def reference_target(source: Tensor, reference: Tensor, mask: Tensor, outside_weight: float = OUTSIDE_WEIGHT):
