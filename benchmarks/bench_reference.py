@@ -43,7 +43,17 @@ from localdiff.baselines import discover  # noqa: E402
 from localdiff.config import DiscoveryConfig  # noqa: E402
 from localdiff.evaluation import EvalSettings, evaluate_directions, score_edit  # noqa: E402
 
-MULTIPLES = (0.5, 1.0, 1.5, 2.0, 4.0)
+MULTIPLES = (0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+OLD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 4.0)  # rows written before the multiples were recorded
+
+
+def row_multiples(rows: list[dict]) -> tuple[float, ...]:
+    """The strength multiples the rows were measured at (the same for all of them: one run's)."""
+    found = {tuple(row.get("multiples", OLD_MULTIPLES)) for row in rows}
+    if len(found) != 1:
+        raise SystemExit(f"the rows were measured at different strength multiples ({sorted(found)}); write the "
+                         "new run to another --out")
+    return found.pop()
 FITS = ("measured", "projected", "local")  # local: measured with --min-locality
 
 
@@ -56,7 +66,8 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
                  min_locality: float | None = None) -> dict:
     """One pair's drops and localities per fit, region and multiple, and the discovered direction's locality."""
     rec_src, rec_ref = editor.invert(src).reconstruction[0], editor.invert(ref).reconstruction[0]
-    row = dict(pair=face, drop={}, locality={}, strength={}, seconds={}, discovered={}, min_locality=min_locality)
+    row = dict(pair=face, drop={}, locality={}, strength={}, seconds={}, discovered={}, min_locality=min_locality,
+               multiples=list(MULTIPLES))
     md = None
     for fit in fits:
         t0 = time.perf_counter()
@@ -82,6 +93,7 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
 
 
 def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
+    multiples = row_multiples(rows)
     ranks = sorted({row.get("basis_rank", "?") for row in rows}, key=str)
     print(f"\n{len(rows)} pairs of evaluation faces; the measured fits' masked subspace: "
           f"{', '.join(map(str, ranks))} vectors; mean [95 % interval]\n")
@@ -92,16 +104,16 @@ def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
         print("| fit | strength (× natural) | inside distance to the reference: drop | image locality |")
         print("|---|---:|---:|---:|")
         for fit in fits:
-            for j, f in enumerate(MULTIPLES):
+            for j, f in enumerate(multiples):
                 drops = [row["drop"][f"{fit}/{r}"][j] for row in rows]
                 locs = [row["locality"][f"{fit}/{r}"][j] for row in rows]
                 print(f"| {fit} | {f:g} | {mean_interval(drops)} | {mean_interval(locs)} |")
-        j = MULTIPLES.index(1.0)
+        j = multiples.index(1.0)
         paired = [row["locality"][f"measured/{r}"][j] - row["discovered"][r] for row in rows]
         print(f"\nmeasured at its natural strength minus discovered, image locality (paired): "
               f"{mean_interval(paired, signed=True)}")
         for fit in [f for f in fits if f != "projected"]:
-            ok = [(statistics.fmean(row["drop"][f"{fit}/{r}"][i] for row in rows), f) for i, f in enumerate(MULTIPLES)
+            ok = [(statistics.fmean(row["drop"][f"{fit}/{r}"][i] for row in rows), f) for i, f in enumerate(multiples)
                   if statistics.fmean(row["locality"][f"{fit}/{r}"][i] for row in rows) >= statistics.fmean(disc)]
             best = max(ok, default=None)
             print(f"target for {fit} (drop >= 30 % where locality >= discovered's): " + (
@@ -121,15 +133,16 @@ def plot(rows: list[dict], regions, method: str, path: Path, fits=FITS[:2]) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    multiples = row_multiples(rows)
     fig, axes = plt.subplots(1, len(regions), figsize=(5 * len(regions), 4), squeeze=False)
     for ax, r in zip(axes[0], regions):
         disc = statistics.fmean(row["discovered"][r] for row in rows)
         ax.fill_between([disc, 1.0], 0.3, 1.0, color="green", alpha=0.08, label="target")
         for fit in fits:
-            locs = [statistics.fmean(row["locality"][f"{fit}/{r}"][j] for row in rows) for j in range(len(MULTIPLES))]
-            drops = [statistics.fmean(row["drop"][f"{fit}/{r}"][j] for row in rows) for j in range(len(MULTIPLES))]
+            locs = [statistics.fmean(row["locality"][f"{fit}/{r}"][j] for row in rows) for j in range(len(multiples))]
+            drops = [statistics.fmean(row["drop"][f"{fit}/{r}"][j] for row in rows) for j in range(len(multiples))]
             ax.plot(locs, drops, marker="o", label=fit)
-            for x, y, f in zip(locs, drops, MULTIPLES):
+            for x, y, f in zip(locs, drops, multiples):
                 ax.annotate(f"{f:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(disc, color="grey", linestyle="--", linewidth=1, label=f"discovered ({method})")
         ax.axhline(0.3, color="grey", linestyle=":", linewidth=1)
@@ -175,6 +188,9 @@ def main(argv=None) -> None:
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
         rows = [row for row in rows if row["pair"] < args.pairs]
     done = {row["pair"] for row in rows}
+    if rows and len(done) < args.pairs and row_multiples(rows) != MULTIPLES:
+        p.error(f"{args.out} was measured at the multiples {row_multiples(rows)}, this version measures at "
+                f"{MULTIPLES}; write the new pairs to another --out")
     for i in range(args.pairs):
         if i in done:
             continue
