@@ -45,6 +45,7 @@ from localdiff.evaluation import EvalSettings, evaluate_directions, score_edit  
 
 MULTIPLES = (0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 OLD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 4.0)  # rows written before the multiples were recorded
+FITS = ("measured", "projected", "local")  # local: measured with --min-locality
 
 
 def row_multiples(rows: list[dict]) -> tuple[float, ...]:
@@ -54,7 +55,6 @@ def row_multiples(rows: list[dict]) -> tuple[float, ...]:
         raise SystemExit(f"the rows were measured at different strength multiples ({sorted(found)}); write the "
                          "new run to another --out")
     return found.pop()
-FITS = ("measured", "projected", "local")  # local: measured with --min-locality
 
 
 def inside_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:

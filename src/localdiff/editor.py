@@ -516,7 +516,7 @@ class LocalEditor:
             timestep = float(found.meta["timestep_fraction"])
         else:
             timestep = cfg.replace(individual_rank=None, joint_rank=None).check(
-                math.prod(self.model.h_shape), len(masks), self.model.num_train_timesteps)
+                h_dim, len(masks), self.model.num_train_timesteps)
         res, enc, step = self.region_subspaces(x_src, [region_masks[n] for n in names], timestep=timestep,
                                                k=rank, oversample=cfg.oversample, seed=cfg.seed,
                                                max_iter=cfg.max_iter, tol_deg=cfg.tol_deg, chunk_size=cfg.chunk_size)

@@ -105,7 +105,8 @@ def fit_coefficients(render: Callable[[Tensor], Tensor], size: int, target: Tens
         step = weighted_step(responses, (target - out[0]).flatten(), weights, ridge)
         c = c + step
         first = c if first is None else first
-    trials = torch.stack([c + (f - 1) * step for f in line_search] + [f * c for f in (SHRINK if constraint is not None else ())])
+    shrinks = SHRINK if constraint is not None else ()
+    trials = torch.stack([c + (f - 1) * step for f in line_search] + [f * c for f in shrinks])
     out = render(trials).double().cpu()
     values = objective(out, target, weights)
     if constraint is not None:
