@@ -43,7 +43,7 @@ from localdiff.baselines import discover  # noqa: E402
 from localdiff.config import DiscoveryConfig  # noqa: E402
 from localdiff.evaluation import EvalSettings, evaluate_directions, score_edit  # noqa: E402
 
-MULTIPLES = (0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+MULTIPLES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.5, 2.0, 4.0)
 OLD_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 4.0)  # rows written before the multiples were recorded
 FITS = ("measured", "projected", "local")  # local: measured with --min-locality
 
@@ -119,6 +119,11 @@ def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
             print(f"target for {fit} (drop >= 30 % where locality >= discovered's): " + (
                 f"largest drop {best[0]:.3f} at {best[1]:g}× natural, {'met' if best[0] >= 0.3 else 'missed'}"
                 if best else "missed (no multiple is as local as the discovered direction)"))
+            if best:  # the means decide the target; how sure the locality is, pair by pair
+                i = multiples.index(best[1])
+                paired = [row["locality"][f"{fit}/{r}"][i] - row["discovered"][r] for row in rows]
+                print(f"  there, {fit} minus discovered, image locality (paired): {mean_interval(paired, signed=True)}; "
+                      f"as local on {sum(d >= 0 for d in paired)} of {len(paired)} pairs")
         print()
     for fit in fits:
         print(f"reference_directions(fit={fit!r}) for {len(regions)} regions: median "
@@ -143,6 +148,8 @@ def plot(rows: list[dict], regions, method: str, path: Path, fits=FITS[:2]) -> N
             drops = [statistics.fmean(row["drop"][f"{fit}/{r}"][j] for row in rows) for j in range(len(multiples))]
             ax.plot(locs, drops, marker="o", label=fit)
             for x, y, f in zip(locs, drops, multiples):
+                if fit == "projected" and f != multiples[-1]:  # its points lie on top of each other
+                    continue
                 ax.annotate(f"{f:g}×", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(disc, color="grey", linestyle="--", linewidth=1, label=f"discovered ({method})")
         ax.axhline(0.3, color="grey", linestyle=":", linewidth=1)
