@@ -92,6 +92,11 @@ def measure_pair(editor, src, ref, masks, cfg: DiscoveryConfig, method: str, fac
     return row
 
 
+def locality_minus_discovered(rows: list[dict], fit: str, region: str, i: int) -> list[float]:
+    """Per pair, the fit's image locality at the ``i``-th multiple minus the discovered direction's."""
+    return [row["locality"][f"{fit}/{region}"][i] - row["discovered"][region] for row in rows]
+
+
 def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
     multiples = row_multiples(rows)
     ranks = sorted({row.get("basis_rank", "?") for row in rows}, key=str)
@@ -108,8 +113,7 @@ def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
                 drops = [row["drop"][f"{fit}/{r}"][j] for row in rows]
                 locs = [row["locality"][f"{fit}/{r}"][j] for row in rows]
                 print(f"| {fit} | {f:g} | {mean_interval(drops)} | {mean_interval(locs)} |")
-        j = multiples.index(1.0)
-        paired = [row["locality"][f"measured/{r}"][j] - row["discovered"][r] for row in rows]
+        paired = locality_minus_discovered(rows, "measured", r, multiples.index(1.0))
         print(f"\nmeasured at its natural strength minus discovered, image locality (paired): "
               f"{mean_interval(paired, signed=True)}")
         for fit in [f for f in fits if f != "projected"]:
@@ -120,8 +124,7 @@ def report(rows: list[dict], regions, method: str, fits=FITS[:2]) -> None:
                 f"largest drop {best[0]:.3f} at {best[1]:g}× natural, {'met' if best[0] >= 0.3 else 'missed'}"
                 if best else "missed (no multiple is as local as the discovered direction)"))
             if best:  # the means decide the target; how sure the locality is, pair by pair
-                i = multiples.index(best[1])
-                paired = [row["locality"][f"{fit}/{r}"][i] - row["discovered"][r] for row in rows]
+                paired = locality_minus_discovered(rows, fit, r, multiples.index(best[1]))
                 print(f"  there, {fit} minus discovered, image locality (paired): {mean_interval(paired, signed=True)}; "
                       f"as local on {sum(d >= 0 for d in paired)} of {len(paired)} pairs")
         print()
